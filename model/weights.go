@@ -1,0 +1,393 @@
+package model
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sync/atomic"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/model/safetensors"
+)
+
+// Selection says which part of a checkpoint a stage loads: a pipeline stage
+// holds a layer range, only the head holds embeddings (and the MTP layer) and
+// only the tail the final norm and lm_head; expert parallelism loads a subset of experts.
+type Selection struct {
+	FirstLayer, EndLayer int  // main decoder layers [FirstLayer, EndLayer)
+	Embedding            bool // model.embed_tokens
+	LMHead               bool // model.norm and lm_head
+	MTP                  bool // the MTP layer (needs the head's embeddings and hidden states)
+	// Expert reports whether routed expert e of layer l is loaded; nil loads all.
+	Expert func(layer, expert int) bool
+}
+
+// WholeModel selects everything, for a single-process engine.
+func WholeModel(c *Config) Selection {
+	return Selection{FirstLayer: 0, EndLayer: c.NumHiddenLayers, Embedding: true, LMHead: true, MTP: c.HasMTP()}
+}
+
+// LayerWeights are one decoder layer's tensors on a backend.
+type LayerWeights struct {
+	Index               int
+	Kind                LayerKind
+	InputNorm, PostNorm *kernels.Tensor
+	Q, K, V, O          *kernels.Tensor
+	QBias, KBias, VBias *kernels.Tensor // nil without attention_bias
+	QNorm, KNorm        *kernels.Tensor // nil without use_qk_norm
+	// Dense MLP (LayerDense).
+	Gate, Up, Down *kernels.Tensor
+	// MoE (LayerMoE, LayerMTP).
+	Router, RouterBias               *kernels.Tensor
+	Experts                          []*kernels.Expert // indexed by expert id; nil when not loaded
+	SharedGate, SharedUp, SharedDown *kernels.Tensor   // nil without shared experts
+	// MTP extras (LayerMTP).
+	Embed, ENorm, HNorm, EHProj, HeadNorm, Head *kernels.Tensor
+}
+
+// Weights are a stage's tensors on a backend.
+type Weights struct {
+	Config    *Config
+	Selection Selection
+	Embed     *kernels.Tensor // nil unless Selection.Embedding
+	FinalNorm *kernels.Tensor // nil unless Selection.LMHead
+	LMHead    *kernels.Tensor
+	Layers    []*LayerWeights // Selection.FirstLayer .. EndLayer-1
+	MTP       *LayerWeights   // nil unless Selection.MTP
+	// Bytes is the checkpoint bytes the stage uses.
+	Bytes int64
+
+	ckpt *safetensors.Checkpoint
+}
+
+// Close releases the checkpoint mapping (CPU weights alias it).
+func (w *Weights) Close() error {
+	if w.ckpt == nil {
+		return nil
+	}
+	err := w.ckpt.Close()
+	w.ckpt = nil
+	return err
+}
+
+// Progress reports loading progress in bytes.
+type Progress func(done, total int64)
+
+// LoadWeights reads the selected tensors of the checkpoint in dir and makes
+// backend tensors of them. Every tensor's dtype and shape are checked against
+// the config's tensor list (FP8 per the checkpoint's quantization_config).
+func LoadWeights(ctx context.Context, dir string, cfg *Config, sel Selection, be kernels.Backend, progress Progress) (*Weights, error) {
+	if sel.FirstLayer < 0 || sel.EndLayer > cfg.NumHiddenLayers || sel.FirstLayer > sel.EndLayer {
+		return nil, fmt.Errorf("load %s: layer range [%d,%d) outside [0,%d)", dir, sel.FirstLayer, sel.EndLayer, cfg.NumHiddenLayers)
+	}
+	if sel.MTP && !cfg.HasMTP() {
+		return nil, fmt.Errorf("load %s: the config has no MTP layer", dir)
+	}
+	ck, err := safetensors.OpenDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", dir, err)
+	}
+	l := &loader{ctx: ctx, ck: ck, cfg: cfg, be: be, progress: progress}
+	w, err := l.load(sel)
+	if err != nil {
+		ck.Close()
+		return nil, fmt.Errorf("load %s: %w", dir, err)
+	}
+	w.ckpt = ck
+	return w, nil
+}
+
+type loader struct {
+	ctx      context.Context
+	ck       *safetensors.Checkpoint
+	cfg      *Config
+	be       kernels.Backend
+	progress Progress
+	specs    map[string]TensorSpec
+	done     atomic.Int64
+	total    int64
+}
+
+func (l *loader) load(sel Selection) (*Weights, error) {
+	c := l.cfg
+	l.specs = map[string]TensorSpec{}
+	want := func(t TensorSpec) bool {
+		switch {
+		case t.Layer < 0:
+			return (t.Role == RoleEmbedding && (sel.Embedding || sel.MTP)) ||
+				((t.Role == RoleFinalNorm || t.Role == RoleLMHead) && sel.LMHead)
+		case t.Layer >= c.NumHiddenLayers:
+			return sel.MTP && (t.Expert < 0 || sel.Expert == nil || sel.Expert(t.Layer, t.Expert))
+		case t.Layer < sel.FirstLayer || t.Layer >= sel.EndLayer:
+			return false
+		}
+		return t.Expert < 0 || sel.Expert == nil || sel.Expert(t.Layer, t.Expert)
+	}
+	for _, t := range c.Tensors() {
+		if want(t) {
+			l.specs[t.Name] = t
+			l.total += t.Bytes()
+		}
+	}
+	w := &Weights{Config: c, Selection: sel, Bytes: l.total}
+	var err error
+	if sel.Embedding || sel.MTP {
+		if w.Embed, err = l.tensor("model.embed_tokens.weight"); err != nil {
+			return nil, err
+		}
+	}
+	if sel.LMHead {
+		if w.FinalNorm, err = l.tensor("model.norm.weight"); err != nil {
+			return nil, err
+		}
+		if w.LMHead, err = l.linear("lm_head"); err != nil {
+			return nil, err
+		}
+	}
+	for i := sel.FirstLayer; i < sel.EndLayer; i++ {
+		lw, err := l.layer(i, sel)
+		if err != nil {
+			return nil, err
+		}
+		w.Layers = append(w.Layers, lw)
+	}
+	if sel.MTP {
+		if w.MTP, err = l.layer(c.NumHiddenLayers, sel); err != nil {
+			return nil, err
+		}
+	}
+	return w, nil
+}
+
+func (l *loader) layer(i int, sel Selection) (*LayerWeights, error) {
+	c := l.cfg
+	p := fmt.Sprintf("model.layers.%d.", i)
+	lw := &LayerWeights{Index: i, Kind: c.LayerKind(i)}
+	var errs []error
+	get := func(dst **kernels.Tensor, name string) {
+		t, err := l.tensor(p + name)
+		errs = append(errs, err)
+		*dst = t
+	}
+	lin := func(dst **kernels.Tensor, module string) {
+		t, err := l.linear(p + module)
+		errs = append(errs, err)
+		*dst = t
+	}
+	get(&lw.InputNorm, "input_layernorm.weight")
+	get(&lw.PostNorm, "post_attention_layernorm.weight")
+	lin(&lw.Q, "self_attn.q_proj")
+	lin(&lw.K, "self_attn.k_proj")
+	lin(&lw.V, "self_attn.v_proj")
+	lin(&lw.O, "self_attn.o_proj")
+	if c.AttentionBias {
+		get(&lw.QBias, "self_attn.q_proj.bias")
+		get(&lw.KBias, "self_attn.k_proj.bias")
+		get(&lw.VBias, "self_attn.v_proj.bias")
+	}
+	if c.UseQKNorm {
+		get(&lw.QNorm, "self_attn.q_norm.weight")
+		get(&lw.KNorm, "self_attn.k_norm.weight")
+	}
+	if lw.Kind == LayerDense {
+		lin(&lw.Gate, "mlp.gate_proj")
+		lin(&lw.Up, "mlp.up_proj")
+		lin(&lw.Down, "mlp.down_proj")
+	} else {
+		get(&lw.Router, "mlp.gate.weight")
+		get(&lw.RouterBias, "mlp.gate.e_score_correction_bias")
+		lw.Experts = make([]*kernels.Expert, c.NRoutedExperts)
+		for e := range lw.Experts {
+			if sel.Expert != nil && !sel.Expert(i, e) {
+				continue
+			}
+			ex := &kernels.Expert{}
+			ep := fmt.Sprintf("mlp.experts.%d.", e)
+			lin(&ex.Gate, ep+"gate_proj")
+			lin(&ex.Up, ep+"up_proj")
+			lin(&ex.Down, ep+"down_proj")
+			lw.Experts[e] = ex
+		}
+		if c.NSharedExperts > 0 {
+			lin(&lw.SharedGate, "mlp.shared_experts.gate_proj")
+			lin(&lw.SharedUp, "mlp.shared_experts.up_proj")
+			lin(&lw.SharedDown, "mlp.shared_experts.down_proj")
+		}
+	}
+	if lw.Kind == LayerMTP {
+		get(&lw.Embed, "embed_tokens.weight")
+		get(&lw.ENorm, "enorm.weight")
+		get(&lw.HNorm, "hnorm.weight")
+		lin(&lw.EHProj, "eh_proj")
+		get(&lw.HeadNorm, "shared_head.norm.weight")
+		lin(&lw.Head, "shared_head.head")
+	}
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return lw, nil
+}
+
+// spec returns the expected spec of a tensor the selection includes.
+func (l *loader) spec(name string) (TensorSpec, error) {
+	s, ok := l.specs[name]
+	if !ok {
+		return s, fmt.Errorf("tensor %s is not part of the selected stage (loader bug)", name)
+	}
+	return s, nil
+}
+
+// read fetches a tensor and checks it against its spec (dtype, shape).
+func (l *loader) read(s TensorSpec) (safetensors.Tensor, error) {
+	if err := l.ctx.Err(); err != nil {
+		return safetensors.Tensor{}, err
+	}
+	t, err := l.ck.Tensor(s.Name)
+	if err != nil {
+		return t, err
+	}
+	if !shapeEq(t.Shape, s.Shape) {
+		return t, fmt.Errorf("tensor %s in %s: shape %v, config implies %v", s.Name, t.File, t.Shape, s.Shape)
+	}
+	ok := string(t.DType) == string(s.DType)
+	// Norms, biases and the correction bias may be stored in any float type; we convert.
+	if !ok && (len(s.Shape) == 1 || s.ScaleOf != "") && (t.DType == safetensors.F32 || t.DType == safetensors.BF16 || t.DType == safetensors.F16) {
+		ok = true
+	}
+	if !ok {
+		return t, fmt.Errorf("tensor %s in %s: dtype %s, config implies %s%s", s.Name, t.File, t.DType, s.DType, quantHint(s))
+	}
+	l.done.Add(t.ByteSize())
+	if l.progress != nil {
+		l.progress(l.done.Load(), l.total)
+	}
+	return t, nil
+}
+
+func quantHint(s TensorSpec) string {
+	switch s.DType {
+	case F8E4M3:
+		return " (quantization_config says this module is FP8)"
+	case BF16:
+		return " (quantization_config keeps this module unquantized)"
+	}
+	return ""
+}
+
+// tensor loads a non-linear tensor (norms, biases, embeddings, router).
+func (l *loader) tensor(name string) (*kernels.Tensor, error) {
+	s, err := l.spec(name)
+	if err != nil {
+		return nil, err
+	}
+	t, err := l.read(s)
+	if err != nil {
+		return nil, err
+	}
+	return l.upload(t)
+}
+
+func (l *loader) upload(t safetensors.Tensor) (*kernels.Tensor, error) {
+	shape := make([]int, len(t.Shape))
+	for i, d := range t.Shape {
+		shape[i] = int(d)
+	}
+	var dt kernels.DType
+	data := t.Data
+	switch t.DType {
+	case safetensors.BF16:
+		dt = kernels.BF16
+	case safetensors.F8E4M3:
+		dt = kernels.F8E4M3
+	case safetensors.F32:
+		dt = kernels.F32
+	case safetensors.F16:
+		f, err := t.Float32()
+		if err != nil {
+			return nil, err
+		}
+		dt, data = kernels.F32, f32Bytes(f)
+	default:
+		return nil, fmt.Errorf("tensor %s in %s: dtype %s cannot be a weight", t.Name, t.File, t.DType)
+	}
+	kt, err := l.be.UploadWeight(dt, shape, data)
+	if err != nil {
+		return nil, fmt.Errorf("tensor %s: %w", t.Name, err)
+	}
+	return kt, nil
+}
+
+// linear loads module.weight and, when FP8, its scale.
+func (l *loader) linear(module string) (*kernels.Tensor, error) {
+	s, err := l.spec(module + ".weight")
+	if err != nil {
+		return nil, err
+	}
+	t, err := l.read(s)
+	if err != nil {
+		return nil, err
+	}
+	w, err := l.upload(t)
+	if err != nil {
+		return nil, err
+	}
+	if s.DType != F8E4M3 {
+		return w, nil
+	}
+	var scale TensorSpec
+	for _, name := range []string{module + ".weight_scale", module + ".weight_scale_inv"} {
+		if sp, ok := l.specs[name]; ok {
+			scale = sp
+		}
+	}
+	if scale.Name == "" {
+		return nil, fmt.Errorf("FP8 weight %s has no scale in the tensor list", s.Name)
+	}
+	st, err := l.read(scale)
+	if err != nil {
+		return nil, err
+	}
+	sv, err := st.Float32()
+	if err != nil {
+		return nil, err
+	}
+	for i, v := range sv {
+		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) || v < 0 {
+			return nil, fmt.Errorf("tensor %s in %s: scale[%d] = %g is not a finite non-negative number", st.Name, st.File, i, v)
+		}
+	}
+	n := int(s.Shape[0])
+	if len(scale.Shape) == 2 && scale.Shape[1] == 1 && scale.Shape[0] == s.Shape[0] {
+		w.ScaleLayout = kernels.ScalePerChannel
+		w.Scale, err = l.be.UploadWeight(kernels.F32, []int{n}, f32Bytes(sv))
+	} else {
+		q := l.cfg.Quantization
+		w.ScaleLayout = kernels.ScaleBlock
+		w.ScaleBlock = q.BlockSize
+		w.Scale, err = l.be.UploadWeight(kernels.F32, []int{int(scale.Shape[0]), int(scale.Shape[1])}, f32Bytes(sv))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tensor %s: %w", st.Name, err)
+	}
+	return w, nil
+}
+
+func shapeEq(a, b []int64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func f32Bytes(f []float32) []byte {
+	b := make([]byte, 4*len(f))
+	safetensors.F32ToBytes(b, f)
+	return b
+}

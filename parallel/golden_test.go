@@ -1,0 +1,202 @@
+package parallel
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"path/filepath"
+	"testing"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/kernels/cpu"
+	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/safetensors"
+)
+
+// golden reads the transformers reference outputs of a fixture case.
+type golden struct {
+	ck *safetensors.Checkpoint
+	t  *testing.T
+}
+
+func openGolden(t *testing.T, dir string) *golden {
+	f, err := safetensors.OpenDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return &golden{f, t}
+}
+
+func (g *golden) f32(name string) ([]float32, []int64) {
+	tt, err := g.ck.Tensor(name)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	v, err := tt.Float32()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return v, tt.Shape
+}
+
+func (g *golden) ids(name string) []int32 {
+	tt, err := g.ck.Tensor(name)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	v, err := tt.Int64()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	out := make([]int32, len(v))
+	for i, x := range v {
+		out[i] = int32(x)
+	}
+	return out
+}
+
+// relErr is max|got-want| / max|want|.
+func relErr(got, want []float32) float64 {
+	if len(got) != len(want) {
+		return math.Inf(1)
+	}
+	var md, mr float64
+	for i := range want {
+		md = math.Max(md, math.Abs(float64(got[i])-float64(want[i])))
+		mr = math.Max(mr, math.Abs(float64(want[i])))
+	}
+	return md / mr
+}
+
+func argmax(row []float32) int32 {
+	best := 0
+	for i, v := range row {
+		if v > row[best] {
+			best = i
+		}
+	}
+	return int32(best)
+}
+
+func loadFixtureEngine(t *testing.T, dir string) *Engine {
+	t.Helper()
+	cfg, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := cpu.New(0)
+	w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	e, err := NewEngine(be, w, EngineOptions{BlockSize: 16, MaxTokens: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	return e
+}
+
+const goldenTol = 1e-4
+
+func TestGoldenFixtures(t *testing.T) {
+	for _, name := range []string{"tiny", "tiny_qknorm"} {
+		t.Run(name, func(t *testing.T) {
+			root := filepath.Join("..", "testdata", "glm4moe", name)
+			e := loadFixtureEngine(t, filepath.Join(root, "model"))
+			g := openGolden(t, root)
+			cfg := e.Cfg
+			for i := 0; i < 4; i++ {
+				prompt := g.ids(fmt.Sprintf("prompt_%d", i))
+				// Hidden states after every layer, for prompt 1.
+				var hidden map[int][]float32
+				if i == 1 {
+					hidden = map[int][]float32{}
+					e.OnLayer = func(layer int, h *kernels.Tensor) {
+						v, err := e.BE.Download(h)
+						if err != nil {
+							t.Fatal(err)
+						}
+						hidden[layer+1] = v
+					}
+				}
+				seq := &Seq{}
+				res, err := e.Step([]StepInput{{Seq: seq, Tokens: prompt}}, true)
+				e.OnLayer = nil
+				if err != nil {
+					t.Fatal(err)
+				}
+				logits, _ := e.BE.Download(res.Logits)
+				normed, _ := e.BE.Download(res.Normed)
+				want, _ := g.f32(fmt.Sprintf("logits_%d", i))
+				if r := relErr(logits, want); r > goldenTol {
+					t.Errorf("prompt %d logits: rel err %.3g > %g", i, r, goldenTol)
+				} else {
+					t.Logf("prompt %d (%d tokens) logits rel err %.2e", i, len(prompt), r)
+				}
+				wantH, _ := g.f32(fmt.Sprintf("final_hidden_%d", i))
+				if r := relErr(normed, wantH); r > goldenTol {
+					t.Errorf("prompt %d final hidden: rel err %.3g", i, r)
+				}
+				if i == 1 {
+					for l := 0; l < cfg.NumHiddenLayers; l++ {
+						want, _ := g.f32(fmt.Sprintf("hidden_1_%d", l))
+						if r := relErr(hidden[l], want); r > goldenTol {
+							t.Errorf("prompt 1 hidden after layer %d: rel err %.3g", l-1, r)
+						}
+					}
+					want, _ := g.f32(fmt.Sprintf("hidden_1_%d", cfg.NumHiddenLayers))
+					if r := relErr(normed, want); r > goldenTol {
+						t.Errorf("prompt 1 final normed hidden: rel err %.3g", r)
+					}
+				}
+				// MTP over the prompt: position t sees final_hidden[t] and token t+1.
+				V := cfg.VocabSize
+				T := len(prompt)
+				next := append(append([]int32(nil), prompt[1:]...), argmax(logits[(T-1)*V:]))
+				wantNext := g.ids(fmt.Sprintf("mtp_input_%d", i))
+				for j := range next {
+					if next[j] != wantNext[j] {
+						t.Fatalf("prompt %d: mtp input %v, golden %v", i, next, wantNext)
+					}
+				}
+				mres, err := e.MTPStep([]StepInput{{Seq: seq, Tokens: next}}, res.Normed)
+				if err != nil {
+					t.Fatal(err)
+				}
+				mtp, _ := e.BE.Download(mres.Logits)
+				wantM, _ := g.f32(fmt.Sprintf("mtp_logits_%d", i))
+				if r := relErr(mtp, wantM); r > goldenTol {
+					t.Errorf("prompt %d mtp logits: rel err %.3g", i, r)
+				} else {
+					t.Logf("prompt %d mtp logits rel err %.2e", i, r)
+				}
+				mres.Release()
+				// Greedy decoding through the KV cache.
+				tok := argmax(logits[(T-1)*V:])
+				res.Release()
+				greedy := []int32{tok}
+				for len(greedy) < 16 {
+					r, err := e.Step([]StepInput{{Seq: seq, Tokens: []int32{tok}}}, false)
+					if err != nil {
+						t.Fatal(err)
+					}
+					l, _ := e.BE.Download(r.Logits)
+					r.Release()
+					tok = argmax(l)
+					greedy = append(greedy, tok)
+				}
+				wantG := g.ids(fmt.Sprintf("greedy_%d", i))
+				for j := range wantG {
+					if greedy[j] != wantG[j] {
+						t.Errorf("prompt %d greedy: got %v want %v", i, greedy, wantG)
+						break
+					}
+				}
+				e.KV.Release(seq)
+			}
+		})
+	}
+}
