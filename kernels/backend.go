@@ -160,6 +160,8 @@ type SampleParams struct {
 	TopP        float32 // 0 or ≥1 disables
 	TopK        int     // 0 disables
 	U           float32
+	// Ban lists token ids that must not be chosen (EOS before min_tokens is reached).
+	Ban []int32
 }
 
 // Backend is a device that owns tensors and runs GLM-4.5's operations.

@@ -168,8 +168,8 @@ func (f *Forward) Embed(table *kernels.Tensor, ids []int32) (*kernels.Tensor, er
 
 // Head applies the final norm and lm_head: hidden [T,H] → (normed [T,H], logits [T,V]).
 func (f *Forward) Head(h, norm, head *kernels.Tensor) (normed, logits *kernels.Tensor, err error) {
-	normed = f.tmp(f.Cfg.HiddenSize)
-	logits = f.tmp(head.Shape[0])
+	normed = f.tmpOf(kernels.F32, h.Rows(), f.Cfg.HiddenSize)
+	logits = f.tmpOf(kernels.F32, h.Rows(), head.Shape[0])
 	if f.err != nil {
 		return nil, nil, f.err
 	}

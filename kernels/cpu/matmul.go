@@ -231,8 +231,8 @@ func gemmBlock(out, x, wr []float32, t0, t1, r0, r1, n, k int) {
 		}
 		for ; r < r1; r++ {
 			wrow := wr[(r-r0)*k : (r-r0)*k+k]
-			out[t*n+r] = dot(x0, wrow)
-			out[(t+1)*n+r] = dot(x1, wrow)
+			out[t*n+r] = dotSeq(x0, wrow)
+			out[(t+1)*n+r] = dotSeq(x1, wrow)
 		}
 	}
 	for ; t < t1; t++ {
@@ -254,9 +254,20 @@ func gemmBlock(out, x, wr []float32, t0, t1, r0, r1, n, k int) {
 			o[0], o[1], o[2], o[3] = a0, a1, a2, a3
 		}
 		for ; r < r1; r++ {
-			out[t*n+r] = dot(x0, wr[(r-r0)*k:(r-r0)*k+k])
+			out[t*n+r] = dotSeq(x0, wr[(r-r0)*k:(r-r0)*k+k])
 		}
 	}
+}
+
+// dotSeq sums in index order with one accumulator, exactly as the register
+// tiles do, so a token's result never depends on the batch it was computed in.
+func dotSeq(a, b []float32) float32 {
+	b = b[:len(a)]
+	var s float32
+	for i, x := range a {
+		s += x * b[i]
+	}
+	return s
 }
 
 func dot(a, b []float32) float32 {

@@ -20,8 +20,19 @@ func (b *Backend) Sample(logits *kernels.Tensor, params []kernels.SampleParams) 
 		return nil, fmt.Errorf("cpu: sample: %d rows of logits, %d params", logits.Rows(), len(params))
 	}
 	out := make([]int32, len(params))
+	var masked []float32
 	for r, p := range params {
-		out[r] = int32(SampleRow(lg[r*v:(r+1)*v], p))
+		row := lg[r*v : (r+1)*v]
+		if len(p.Ban) > 0 {
+			masked = append(masked[:0], row...)
+			for _, id := range p.Ban {
+				if id >= 0 && int(id) < v {
+					masked[id] = float32(math.Inf(-1))
+				}
+			}
+			row = masked
+		}
+		out[r] = int32(SampleRow(row, p))
 	}
 	return out, nil
 }

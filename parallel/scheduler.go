@@ -1,0 +1,408 @@
+package parallel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+
+	"github.com/glmtopo/glmtopo/kernels"
+)
+
+// SchedulerOptions bound the scheduler's work.
+type SchedulerOptions struct {
+	MaxNumSeqs    int // sequences decoded together (default 64)
+	MaxWaiting    int // queued requests before ErrSaturated (default 1024)
+	MaxModelLen   int // prompt + completion limit (default: the model's max positions, capped by the KV pool)
+	PrefillTokens int // prompt tokens prefilled per step, over all new sequences (default 2048)
+	Logger        *slog.Logger
+}
+
+// Scheduler serves concurrent requests on one Engine with continuous
+// batching: every step prefills newly admitted prompts and decodes one token
+// for each running sequence. It implements Generator.
+type Scheduler struct {
+	eng  *Engine
+	opt  SchedulerOptions
+	log  *slog.Logger
+	eos  []int32
+	wake chan struct{}
+
+	mu      sync.Mutex
+	waiting []*request
+	closed  bool
+
+	running []*request // owned by the loop goroutine
+	done    chan struct{}
+	cancel  context.CancelFunc
+
+	// Counters for metrics.
+	Running atomic.Int64
+	Waiting atomic.Int64
+}
+
+var _ Generator = (*Scheduler)(nil)
+
+// request is one sequence in flight; the loop produces tokens, Generate consumes them.
+type request struct {
+	req       Request
+	seq       Seq
+	rng       *rand.Rand
+	generated int
+	last      int32
+	cancelled atomic.Bool
+
+	mu     sync.Mutex
+	tokens []int
+	finish FinishReason
+	err    error
+	ended  bool
+	signal chan struct{} // capacity 1: "tokens or end available"
+}
+
+func (r *request) push(tok int) {
+	r.mu.Lock()
+	r.tokens = append(r.tokens, tok)
+	r.mu.Unlock()
+	r.notify()
+}
+
+func (r *request) end(f FinishReason, err error) {
+	r.mu.Lock()
+	r.finish, r.err, r.ended = f, err, true
+	r.mu.Unlock()
+	r.notify()
+}
+
+func (r *request) notify() {
+	select {
+	case r.signal <- struct{}{}:
+	default:
+	}
+}
+
+// NewScheduler starts the scheduling loop; Close stops it.
+func NewScheduler(e *Engine, opt SchedulerOptions) *Scheduler {
+	if opt.MaxNumSeqs <= 0 {
+		opt.MaxNumSeqs = 64
+	}
+	if opt.MaxWaiting <= 0 {
+		opt.MaxWaiting = 1024
+	}
+	poolTokens := e.KV.NumBlocks * e.KV.BlockSize
+	if opt.MaxModelLen <= 0 {
+		opt.MaxModelLen = e.Cfg.MaxPositionEmbeddings
+	}
+	opt.MaxModelLen = min(opt.MaxModelLen, poolTokens)
+	if opt.PrefillTokens <= 0 {
+		opt.PrefillTokens = 2048
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.Default()
+	}
+	s := &Scheduler{eng: e, opt: opt, log: opt.Logger, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	for _, id := range e.Cfg.EOSTokenIDs {
+		s.eos = append(s.eos, int32(id))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	go s.loop(ctx)
+	return s
+}
+
+// Close stops the loop; requests in flight end with an error.
+func (s *Scheduler) Close() {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	<-s.done
+}
+
+func (s *Scheduler) MaxModelLen() int { return s.opt.MaxModelLen }
+
+func (s *Scheduler) EOSTokenIDs() []int { return append([]int(nil), s.eng.Cfg.EOSTokenIDs...) }
+
+// Generate implements Generator.
+func (s *Scheduler) Generate(ctx context.Context, req Request, emit func(int) error) (Result, error) {
+	res := Result{PromptTokens: len(req.PromptIDs)}
+	if err := s.validate(&req); err != nil {
+		return res, err
+	}
+	seed := uint64(rand.Int64())
+	if req.Sampling.HasSeed {
+		seed = uint64(req.Sampling.Seed)
+	}
+	r := &request{req: req, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), signal: make(chan struct{}, 1)}
+	s.mu.Lock()
+	switch {
+	case s.closed:
+		s.mu.Unlock()
+		return res, errors.New("scheduler closed")
+	case len(s.waiting) >= s.opt.MaxWaiting:
+		s.mu.Unlock()
+		return res, ErrSaturated
+	}
+	s.waiting = append(s.waiting, r)
+	s.Waiting.Store(int64(len(s.waiting)))
+	s.mu.Unlock()
+	s.poke()
+
+	next := 0
+	for {
+		select {
+		case <-ctx.Done():
+			r.cancelled.Store(true)
+			s.poke()
+			res.CompletionTokens = next
+			res.Finish = FinishAbort
+			return res, ctx.Err()
+		case <-r.signal:
+		}
+		r.mu.Lock()
+		toks := r.tokens[next:]
+		ended, finish, err := r.ended, r.finish, r.err
+		r.mu.Unlock()
+		for _, tok := range toks {
+			next++
+			if e := emit(tok); e != nil {
+				r.cancelled.Store(true)
+				s.poke()
+				res.CompletionTokens = next
+				if errors.Is(e, ErrStopGeneration) {
+					res.Finish = FinishStop
+					return res, nil
+				}
+				res.Finish = FinishAbort
+				return res, e
+			}
+		}
+		if ended {
+			res.CompletionTokens = r.generated
+			res.Finish = finish
+			return res, err
+		}
+	}
+}
+
+func (s *Scheduler) validate(req *Request) error {
+	n := len(req.PromptIDs)
+	if n == 0 {
+		return fmt.Errorf("%w: empty prompt", ErrInvalidRequest)
+	}
+	v := s.eng.Cfg.VocabSize
+	for _, id := range req.PromptIDs {
+		if id < 0 || id >= v {
+			return fmt.Errorf("%w: token id %d outside vocabulary of %d", ErrInvalidRequest, id, v)
+		}
+	}
+	if n+1 > s.opt.MaxModelLen {
+		return fmt.Errorf("%w: prompt has %d tokens, the maximum context length is %d", ErrPromptTooLong, n, s.opt.MaxModelLen)
+	}
+	room := s.opt.MaxModelLen - n
+	if req.MaxNewTokens <= 0 || req.MaxNewTokens > room {
+		req.MaxNewTokens = room
+	}
+	sp := req.Sampling
+	if sp.Temperature < 0 || sp.TopP < 0 || sp.TopP > 1 || sp.TopK < 0 || req.MinNewTokens < 0 {
+		return fmt.Errorf("%w: sampling parameters %+v, min tokens %d", ErrInvalidRequest, sp, req.MinNewTokens)
+	}
+	return nil
+}
+
+func (s *Scheduler) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Scheduler) loop(ctx context.Context) {
+	defer close(s.done)
+	defer func() {
+		for _, r := range s.running {
+			s.eng.KV.Release(&r.seq)
+			r.end(FinishAbort, errors.New("scheduler closed"))
+		}
+		s.mu.Lock()
+		for _, r := range s.waiting {
+			r.end(FinishAbort, errors.New("scheduler closed"))
+		}
+		s.waiting = nil
+		s.mu.Unlock()
+	}()
+	for {
+		s.reap()
+		admitted := s.admit()
+		if len(s.running) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-s.wake:
+				continue
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if err := s.step(admitted); err != nil {
+			s.log.Error("engine step failed; failing its sequences", "err", err)
+			for _, r := range s.running {
+				s.eng.KV.Release(&r.seq)
+				r.end(FinishAbort, fmt.Errorf("engine step: %w", err))
+			}
+			s.running = nil
+			s.Running.Store(0)
+		}
+	}
+}
+
+// reap frees cancelled sequences at once.
+func (s *Scheduler) reap() {
+	kept := s.running[:0]
+	for _, r := range s.running {
+		if r.cancelled.Load() {
+			s.eng.KV.Release(&r.seq)
+			r.end(FinishAbort, context.Canceled)
+			continue
+		}
+		kept = append(kept, r)
+	}
+	s.running = kept
+	s.mu.Lock()
+	w := s.waiting[:0]
+	for _, r := range s.waiting {
+		if !r.cancelled.Load() {
+			w = append(w, r)
+		}
+	}
+	s.waiting = w
+	s.Waiting.Store(int64(len(w)))
+	s.mu.Unlock()
+	s.Running.Store(int64(len(s.running)))
+}
+
+// admit moves waiting requests to running, FIFO, while there are sequence slots,
+// prefill budget and KV blocks for the whole request (so nothing is ever preempted).
+func (s *Scheduler) admit() []*request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var admitted []*request
+	budget := s.opt.PrefillTokens
+	for len(s.waiting) > 0 && len(s.running) < s.opt.MaxNumSeqs {
+		r := s.waiting[0]
+		n := len(r.req.PromptIDs)
+		if len(admitted) > 0 && n > budget {
+			break
+		}
+		if err := s.eng.KV.Reserve(&r.seq, n+r.req.MaxNewTokens); err != nil {
+			if len(s.running) == 0 && len(admitted) == 0 {
+				// Nothing else holds blocks: this request can never fit.
+				s.waiting = s.waiting[1:]
+				s.eng.KV.Release(&r.seq)
+				r.end(FinishAbort, fmt.Errorf("%w: %d tokens exceed the KV cache (%d)", ErrPromptTooLong,
+					n+r.req.MaxNewTokens, s.eng.KV.NumBlocks*s.eng.KV.BlockSize))
+				continue
+			}
+			s.eng.KV.Release(&r.seq)
+			break
+		}
+		budget -= n
+		s.waiting = s.waiting[1:]
+		s.running = append(s.running, r)
+		admitted = append(admitted, r)
+	}
+	s.Waiting.Store(int64(len(s.waiting)))
+	s.Running.Store(int64(len(s.running)))
+	return admitted
+}
+
+// step prefills the admitted requests and decodes the others, in one engine step.
+func (s *Scheduler) step(admitted []*request) error {
+	isNew := map[*request]bool{}
+	for _, r := range admitted {
+		isNew[r] = true
+	}
+	inputs := make([]StepInput, 0, len(s.running))
+	order := make([]*request, 0, len(s.running))
+	for _, r := range s.running {
+		toks := []int32{r.last}
+		if isNew[r] {
+			toks = make([]int32, len(r.req.PromptIDs))
+			for i, id := range r.req.PromptIDs {
+				toks[i] = int32(id)
+			}
+		}
+		inputs = append(inputs, StepInput{Seq: &r.seq, Tokens: toks})
+		order = append(order, r)
+	}
+	res, err := s.eng.Step(inputs, false)
+	if err != nil {
+		return err
+	}
+	defer res.Release()
+	params := make([]kernels.SampleParams, len(order))
+	for i, r := range order {
+		sp := r.req.Sampling
+		params[i] = kernels.SampleParams{Temperature: sp.Temperature, TopP: sp.TopP, TopK: sp.TopK, U: r.rng.Float32()}
+		if r.generated < r.req.MinNewTokens && !r.req.IgnoreEOS {
+			params[i].Ban = append(append([]int32(nil), s.eos...), toI32(r.req.StopTokenIDs)...)
+		}
+	}
+	toks, err := s.eng.BE.Sample(res.Logits, params)
+	if err != nil {
+		return err
+	}
+	kept := s.running[:0]
+	for i, r := range order {
+		tok := toks[i]
+		r.generated++
+		r.last = tok
+		finish, stop := s.finished(r, tok)
+		if !stop {
+			r.push(int(tok))
+		}
+		if finish != "" {
+			s.eng.KV.Release(&r.seq)
+			r.end(finish, nil)
+			continue
+		}
+		kept = append(kept, r)
+	}
+	s.running = kept
+	s.Running.Store(int64(len(kept)))
+	return nil
+}
+
+// finished says whether r ends with tok, and whether tok is a stop token (not emitted).
+func (s *Scheduler) finished(r *request, tok int32) (FinishReason, bool) {
+	stop := false
+	if r.generated > r.req.MinNewTokens { // the banned logits made earlier stops impossible
+		if !r.req.IgnoreEOS {
+			for _, e := range s.eos {
+				stop = stop || e == tok
+			}
+		}
+		for _, e := range r.req.StopTokenIDs {
+			stop = stop || int32(e) == tok
+		}
+	}
+	switch {
+	case stop:
+		return FinishStop, true
+	case r.generated >= r.req.MaxNewTokens || r.seq.Len+1 >= s.opt.MaxModelLen:
+		return FinishLength, false
+	}
+	return "", false
+}
+
+func toI32(v []int) []int32 {
+	out := make([]int32, len(v))
+	for i, x := range v {
+		out[i] = int32(x)
+	}
+	return out
+}
