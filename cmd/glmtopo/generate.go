@@ -1,0 +1,66 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/glmtopo/glmtopo/kernels/cpu"
+	"github.com/glmtopo/glmtopo/parallel"
+)
+
+func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("generate", stderr)
+	dir := fs.String("model", "", "checkpoint directory (required)")
+	ids := fs.String("prompt-ids", "", "comma-separated prompt token ids (required)")
+	maxNew := fs.Int("max-new-tokens", 16, "tokens to generate")
+	temp := fs.Float64("temperature", 0, "sampling temperature (0 = greedy)")
+	topP := fs.Float64("top-p", 1, "nucleus sampling mass")
+	topK := fs.Int("top-k", 0, "sample from the K most likely tokens (0 = all)")
+	seed := fs.Int64("seed", -1, "sampling seed (-1 = random)")
+	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at end-of-sequence tokens")
+	asJSON := fs.Bool("json", false, `print {"ids":[...]}`)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *dir == "" || *ids == "" {
+		fmt.Fprintln(stderr, "usage: glmtopo generate --model DIR --prompt-ids 1,2,3 [--max-new-tokens N] [--temperature T] [--json]")
+		return errUsage
+	}
+	var prompt []int
+	for _, f := range strings.Split(*ids, ",") {
+		v, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			return fmt.Errorf("--prompt-ids: %q is not an integer", f)
+		}
+		prompt = append(prompt, v)
+	}
+	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, cpu.New(0), parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16}, nil)
+	if err != nil {
+		return err
+	}
+	defer closeEngine()
+	sched := parallel.NewScheduler(eng, parallel.SchedulerOptions{})
+	defer sched.Close()
+	req := parallel.Request{PromptIDs: prompt, MaxNewTokens: *maxNew, IgnoreEOS: *ignoreEOS,
+		Sampling: parallel.SamplingParams{Temperature: float32(*temp), TopP: float32(*topP), TopK: *topK, Seed: *seed, HasSeed: *seed >= 0}}
+	out := []int{}
+	res, err := sched.Generate(ctx, req, func(tok int) error {
+		out = append(out, tok)
+		if !*asJSON {
+			fmt.Fprintf(stdout, "%d ", tok)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(stdout).Encode(map[string]any{"ids": out})
+	}
+	fmt.Fprintf(stdout, "\n(%d prompt tokens, %d generated, finish: %s)\n", res.PromptTokens, res.CompletionTokens, res.Finish)
+	return nil
+}

@@ -1,0 +1,129 @@
+// Command glmtopo serves GLM-4.5-class MoE models across several multi-GPU hosts.
+// This file only dispatches subcommands; each package owns its logic.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// command is one subcommand: args exclude the command's own name.
+type command struct {
+	summary string
+	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+}
+
+func commands() map[string]command {
+	return map[string]command{
+		"generate":      {"generate tokens from a checkpoint on the CPU engine", runGenerate},
+		"model inspect": {"print a model's architecture, parameters and bytes by dtype", runModelInspect},
+		"model synth":   {"write a random-weight checkpoint in the published layout", runModelSynth},
+		"version":       {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
+	}
+}
+
+const version = "glmtopo 0.1.0-dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel()})))
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func logLevel() slog.Level {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(os.Getenv("GLMTOPO_LOG"))); err != nil {
+		return slog.LevelInfo
+	}
+	return l
+}
+
+// run finds the longest command name matching the leading args and runs it.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	cmds := commands()
+	for n := min(2, len(args)); n >= 1; n-- {
+		name := strings.Join(args[:n], " ")
+		if c, ok := cmds[name]; ok {
+			err := c.run(ctx, args[n:], stdout, stderr)
+			switch {
+			case err == nil:
+				return 0
+			case errors.Is(err, flag.ErrHelp):
+				return 0
+			case errors.Is(err, errUsage):
+				return 2
+			}
+			fmt.Fprintf(stderr, "glmtopo %s: %v\n", name, err)
+			return 1
+		}
+	}
+	if len(args) > 0 && args[0] != "help" && args[0] != "-h" && args[0] != "--help" {
+		fmt.Fprintf(stderr, "glmtopo: unknown command %q\n\n", strings.Join(args, " "))
+		usage(stderr, cmds)
+		return 2
+	}
+	usage(stdout, cmds)
+	return 0
+}
+
+var errUsage = errors.New("usage")
+
+func usage(w io.Writer, cmds map[string]command) {
+	fmt.Fprintln(w, "usage: glmtopo <command> [flags]\n\ncommands:")
+	var names []string
+	for n := range cmds {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-16s %s\n", n, cmds[n].summary)
+	}
+	fmt.Fprintln(w, "\nRun 'glmtopo <command> -h' for a command's flags.")
+}
+
+// newFlags makes a FlagSet that reports errors instead of exiting.
+func newFlags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("glmtopo "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+// parse parses flags and maps flag errors to errUsage (the message is already printed).
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	return nil
+}
+
+// progress prints a byte-progress line to w at most every half second.
+func progress(w io.Writer, what string) func(done, total int64) {
+	var last time.Time
+	return func(done, total int64) {
+		if total <= 0 {
+			return
+		}
+		pct := int(100 * done / total)
+		if time.Since(last) > 500*time.Millisecond || done == total {
+			last = time.Now()
+			fmt.Fprintf(w, "\r%s %3d%% (%.2f / %.2f GB)", what, pct, float64(done)/1e9, float64(total)/1e9)
+			if done == total {
+				fmt.Fprintln(w)
+			}
+		}
+	}
+}
