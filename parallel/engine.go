@@ -25,6 +25,9 @@ type EngineOptions struct {
 	BlockSize int // tokens per KV block (default 16)
 	NumBlocks int // blocks in the pool (default: enough for MaxTokens)
 	MaxTokens int // used when NumBlocks is 0 (default 8192)
+	// KVDType is the cache's element type (default F32, what the CPU backend
+	// supports; GPU backends take BF16).
+	KVDType kernels.DType
 }
 
 // NewEngine wraps loaded weights; w must hold the whole model.
@@ -48,7 +51,7 @@ func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine
 	if w.MTP != nil {
 		layers++
 	}
-	kv, err := NewKVPool(be, layers, opt.NumBlocks, opt.BlockSize, c.NumKeyValueHeads, c.HeadDim)
+	kv, err := NewKVPool(be, opt.KVDType, layers, opt.NumBlocks, opt.BlockSize, c.NumKeyValueHeads, c.HeadDim)
 	if err != nil {
 		return nil, err
 	}

@@ -20,19 +20,20 @@ type KVPool struct {
 	be        kernels.Backend
 }
 
-// NewKVPool allocates numBlocks blocks for layers layers.
-func NewKVPool(be kernels.Backend, layers, numBlocks, blockSize, kvHeads, headDim int) (*KVPool, error) {
+// NewKVPool allocates numBlocks blocks for layers layers, elements of dtype dt
+// (F32 on the CPU; BF16 where the backend supports it).
+func NewKVPool(be kernels.Backend, dt kernels.DType, layers, numBlocks, blockSize, kvHeads, headDim int) (*KVPool, error) {
 	if numBlocks <= 0 || blockSize <= 0 {
 		return nil, fmt.Errorf("kv cache: %d blocks of %d tokens", numBlocks, blockSize)
 	}
 	p := &KVPool{BlockSize: blockSize, NumBlocks: numBlocks, be: be}
 	for range layers {
-		k, err := be.NewTensor(kernels.F32, numBlocks*blockSize, kvHeads, headDim)
+		k, err := be.NewTensor(dt, numBlocks*blockSize, kvHeads, headDim)
 		if err != nil {
 			p.Close()
 			return nil, fmt.Errorf("kv cache: %w", err)
 		}
-		v, err := be.NewTensor(kernels.F32, numBlocks*blockSize, kvHeads, headDim)
+		v, err := be.NewTensor(dt, numBlocks*blockSize, kvHeads, headDim)
 		if err != nil {
 			be.Free(k)
 			p.Close()
