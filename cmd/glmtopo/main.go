@@ -28,6 +28,7 @@ func commands() map[string]command {
 		"generate":      {"generate tokens from a checkpoint on the CPU engine", runGenerate},
 		"model inspect": {"print a model's architecture, parameters and bytes by dtype", runModelInspect},
 		"model synth":   {"write a random-weight checkpoint in the published layout", runModelSynth},
+		"plan":          {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
 		"version":       {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
 	}
 }
@@ -63,6 +64,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				return 0
 			case errors.Is(err, errUsage):
 				return 2
+			case errors.Is(err, errSilentFailure):
+				return 1
 			}
 			fmt.Fprintf(stderr, "glmtopo %s: %v\n", name, err)
 			return 1
@@ -77,7 +80,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-var errUsage = errors.New("usage")
+var (
+	errUsage         = errors.New("usage")
+	errSilentFailure = errors.New("failed (reported above)")
+)
 
 func usage(w io.Writer, cmds map[string]command) {
 	fmt.Fprintln(w, "usage: glmtopo <command> [flags]\n\ncommands:")

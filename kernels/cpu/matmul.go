@@ -178,6 +178,21 @@ func (b *Backend) linear(out, x []float32, T int, w *weightView, bias []float32)
 	if n/grain < 4*b.workers && n >= 4*b.workers { // small N: finer chunks keep every core busy
 		grain = max(4, n/(4*b.workers))
 	}
+	if w.bf16 != nil && T <= 2 {
+		// Decode: read bf16 weights once, converting in registers.
+		b.parallelFor(n, grain, func(r0, r1 int) {
+			gemvBF16(out, x, w.bf16, T, r0, r1, n, k)
+			if bias != nil {
+				for t := 0; t < T; t++ {
+					o := out[t*n+r0 : t*n+r1]
+					for i := range o {
+						o[i] += bias[r0+i]
+					}
+				}
+			}
+		})
+		return
+	}
 	b.parallelFor(n, grain, func(r0, r1 int) {
 		var buf []float32
 		if w.f32 == nil {
@@ -284,4 +299,36 @@ func dot(a, b []float32) float32 {
 		s0 += a[i] * b[i]
 	}
 	return (s0 + s1) + (s2 + s3)
+}
+
+// gemvBF16 computes out[t, r] for T ≤ 2 tokens straight from bf16 rows, with
+// the same single-accumulator order as gemmBlock (results are batch-invariant).
+func gemvBF16(out, x []float32, w []uint16, T, r0, r1, n, k int) {
+	for t := 0; t < T; t++ {
+		x0 := x[t*k : t*k+k]
+		r := r0
+		for ; r+4 <= r1; r += 4 {
+			w0 := w[r*k : r*k+k]
+			w1 := w[(r+1)*k : (r+1)*k+k]
+			w2 := w[(r+2)*k : (r+2)*k+k]
+			w3 := w[(r+3)*k : (r+3)*k+k]
+			var a0, a1, a2, a3 float32
+			for i, u := range x0 {
+				a0 += u * math.Float32frombits(uint32(w0[i])<<16)
+				a1 += u * math.Float32frombits(uint32(w1[i])<<16)
+				a2 += u * math.Float32frombits(uint32(w2[i])<<16)
+				a3 += u * math.Float32frombits(uint32(w3[i])<<16)
+			}
+			o := out[t*n+r : t*n+r+4]
+			o[0], o[1], o[2], o[3] = a0, a1, a2, a3
+		}
+		for ; r < r1; r++ {
+			wr := w[r*k : r*k+k]
+			var a float32
+			for i, u := range x0 {
+				a += u * math.Float32frombits(uint32(wr[i])<<16)
+			}
+			out[t*n+r] = a
+		}
+	}
 }
