@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/glmtopo/glmtopo/node"
 )
 
 // command is one subcommand: args exclude the command's own name.
@@ -25,11 +27,15 @@ type command struct {
 
 func commands() map[string]command {
 	return map[string]command{
-		"generate":      {"generate tokens from a checkpoint on the CPU engine", runGenerate},
-		"model inspect": {"print a model's architecture, parameters and bytes by dtype", runModelInspect},
-		"model synth":   {"write a random-weight checkpoint in the published layout", runModelSynth},
-		"plan":          {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
-		"version":       {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
+		"generate":         {"generate tokens from a checkpoint on the CPU engine", runGenerate},
+		"model inspect":    {"print a model's architecture, parameters and bytes by dtype", runModelInspect},
+		"model synth":      {"write a random-weight checkpoint in the published layout", runModelSynth},
+		"node":             {"run the cluster daemon on this host", runNode},
+		"node inventory":   {"print this host's hardware as the daemon detects it", node.RunInventory},
+		"node cluster-key": {"create a cluster key file (the private-network key hosts share)", node.RunClusterKey},
+		"status":           {"show a daemon's cluster: members, health, plan epoch", node.RunStatus},
+		"plan":             {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
+		"version":          {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
 	}
 }
 

@@ -1,0 +1,54 @@
+package node
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/glmtopo/glmtopo/model"
+)
+
+func gpuMember(id, name, gpu string, n int, mem uint64, nvlinks int) MemberInventory {
+	inv := HostInventory{Hostname: name}
+	for i := 0; i < n; i++ {
+		inv.GPUs = append(inv.GPUs, GPU{Index: i, Name: gpu, MemoryBytes: mem, NVLinks: nvlinks})
+	}
+	return MemberInventory{ID: id, Name: name, Inventory: inv}
+}
+
+func TestTopologyPlannerOnDetectedHardware(t *testing.T) {
+	p := TopologyPlanner{Resolve: model.Resolve}
+	ref := ModelRef{Ref: "glm-4.5-fp8"}
+	const h100 = 81559 << 20 // what NVML reports for an H100 SXM
+	members := []MemberInventory{
+		gpuMember("12D3KooWB", "gpu-b", "NVIDIA H100 80GB HBM3", 4, h100, 18),
+		gpuMember("12D3KooWA", "gpu-a", "NVIDIA H100 80GB HBM3", 4, h100, 18),
+	}
+	plan, err := p.Plan(context.Background(), ref, members)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(plan.Stages) != 2 || plan.Stages[0].Layers[0] != 0 || plan.Stages[len(plan.Stages)-1].Layers[1] != 92 {
+		t.Fatalf("plan %+v", plan)
+	}
+	covered := 0
+	for _, s := range plan.Stages {
+		covered += s.Layers[1] - s.Layers[0]
+	}
+	if covered != 92 {
+		t.Errorf("stages cover %d layers", covered)
+	}
+	// One host of four H100s cannot hold GLM-4.5-FP8: the planner's reason comes through.
+	if _, err := p.Plan(context.Background(), ref, members[:1]); err == nil || !strings.Contains(err.Error(), "does not fit") {
+		t.Errorf("1x4xH100: err %v", err)
+	}
+	// CPU-only members get the even split, and the summary says why.
+	cpu := []MemberInventory{{ID: "a", Name: "laptop"}, {ID: "b", Name: "desktop"}}
+	plan, err = p.Plan(context.Background(), ModelRef{Ref: "tiny"}, cpu)
+	if err != nil || len(plan.Stages) != 2 || !strings.Contains(plan.Summary, "no GPUs") {
+		t.Errorf("cpu-only plan %+v, %v", plan, err)
+	}
+	if _, err := catalogGPU("NVIDIA GeForce RTX 4090", 24<<30); err == nil {
+		t.Error("an unknown GPU was accepted")
+	}
+}
