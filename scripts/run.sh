@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `make run`: the main job on the embedded default model — synthesize the tiny
-# GLM-4.5-architecture checkpoint (once, into the cache) and generate from it.
+# GLM-4.5-architecture checkpoint (once, into the cache), serve it with the
+# OpenAI-compatible API on the CPU engine, and send it a few requests.
 set -euo pipefail
 bin=${1:-bin/glmtopo}
 cache=${2:-.cache}
+port=${PORT:-18000}
 model="$cache/models/tiny"
 if [[ ! -f "$model/config.json" ]]; then
   echo "== synthesizing the tiny GLM-4.5-architecture model into $model"
@@ -11,6 +13,28 @@ if [[ ! -f "$model/config.json" ]]; then
 fi
 echo "== model"
 "$bin" model inspect "$model"
+
+echo "== starting: glmtopo serve --model $model --port $port"
+"$bin" serve --model "$model" --host 127.0.0.1 --port "$port" --served-model-name tiny \
+  --enable-auto-tool-choice --tool-call-parser glm45 --reasoning-parser glm45 >"$cache/serve.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+  kill -0 $server 2>/dev/null || { cat "$cache/serve.log"; exit 1; }
+  sleep 0.1
+done
+api() {
+  local path=$1 body=${2:-}
+  echo; echo "$ curl $path $body"
+  if [[ -n $body ]]; then curl -sS "http://127.0.0.1:$port$path" -H "Content-Type: application/json" -d "$body"; else curl -sS "http://127.0.0.1:$port$path"; fi
+  echo
+}
+api /v1/models
+api /v1/chat/completions '{"model":"tiny","messages":[{"role":"user","content":"Hello!"}],"max_tokens":16,"seed":1}'
+api /v1/completions '{"model":"tiny","prompt":"The capital of France is","max_tokens":8,"temperature":0}'
+api /v1/chat/completions '{"model":"tiny","messages":[{"role":"user","content":"Stream, please."}],"max_tokens":6,"stream":true,"stream_options":{"include_usage":true}}'
+api /tokenize '{"model":"tiny","prompt":"Hello, world!"}'
 echo
-echo "== greedy generation on the CPU engine"
-"$bin" generate --model "$model" --prompt-ids 1005,1007,1010,198,39,477,332,1011 --max-new-tokens 24 --temperature 0 --ignore-eos --json
+echo "== the model's weights are random, so its text is noise; the API, tokenizer, chat template and engine are real."
+echo "== server log: $cache/serve.log"

@@ -34,6 +34,7 @@ func commands() map[string]command {
 		"node inventory":   {"print this host's hardware as the daemon detects it", node.RunInventory},
 		"node cluster-key": {"create a cluster key file (the private-network key hosts share)", node.RunClusterKey},
 		"status":           {"show a daemon's cluster: members, health, plan epoch", node.RunStatus},
+		"serve":            {"serve the OpenAI-compatible API (chat, completions, tools, reasoning)", runServe},
 		"plan":             {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
 		"version":          {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
 	}
