@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/glmtopo/glmtopo/bench"
 	"github.com/glmtopo/glmtopo/node"
 )
 
@@ -35,6 +36,7 @@ func commands() map[string]command {
 		"node cluster-key": {"create a cluster key file (the private-network key hosts share)", node.RunClusterKey},
 		"status":           {"show a daemon's cluster: members, health, plan epoch", node.RunStatus},
 		"serve":            {"serve the OpenAI-compatible API (chat, completions, tools, reasoning)", runServe},
+		"bench serve":      {"benchmark an OpenAI-compatible server like vllm bench serve", bench.RunServe},
 		"plan":             {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
 		"version":          {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
 	}

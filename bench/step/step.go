@@ -1,0 +1,563 @@
+// Package step is `glmtopo bench step`: it times prefill and decode steps of
+// GLM-4.5-shaped layers on one GPU and prints each beside its floor, the
+// bytes the step must read over the HBM read bandwidth (and, for prefill,
+// the FLOPs over the GEMM throughput) measured by the same run on the same GPU.
+package step
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/kernels/cuda"
+	"github.com/glmtopo/glmtopo/model"
+)
+
+// Options are the command's flags.
+type Options struct {
+	Model      string
+	Layers     int
+	Batches    []int
+	Context    int
+	Prefill    int
+	Iters      int
+	Warmup     int
+	JSON       bool
+	Device     int
+	BlockSize  int
+	KVDType    string
+	FastGemm   bool
+	LoadFormat string
+	Profile    bool
+	Graph      bool
+}
+
+// Report is the --json output.
+type Report struct {
+	Device        string   `json:"device"`
+	Model         string   `json:"model"`
+	Layers        int      `json:"layers"`
+	Dense         int      `json:"dense_layers"`
+	WeightBytes   int64    `json:"weight_bytes"`
+	ReadBW        float64  `json:"hbm_read_bytes_per_s"`
+	GemmFLOPS     float64  `json:"gemm_bf16_flop_per_s"`
+	KVDType       string   `json:"kv_dtype"`
+	WideGemm      string   `json:"wide_gemm"`
+	Results       []Result `json:"results"`
+	CommandLine   string   `json:"command_line"`
+	ElapsedSecond float64  `json:"elapsed_s"`
+}
+
+// Result is one timed phase.
+type Result struct {
+	Phase           string           `json:"phase"` // decode or prefill
+	Batch           int              `json:"batch"`
+	Context         int              `json:"context"`
+	Tokens          int              `json:"tokens"`
+	StepSeconds     float64          `json:"step_s"` // median device time per step (events), the better of eager and graph
+	EagerSeconds    float64          `json:"eager_step_s"`
+	GraphSeconds    float64          `json:"graph_step_s,omitempty"` // median device time of a CUDA-graph replay
+	WallSeconds     float64          `json:"wall_s"`                 // median host time per step, synchronised
+	Bytes           int64            `json:"floor_bytes"`
+	FLOPs           float64          `json:"flops"`
+	BytesFloor      float64          `json:"bytes_floor_s"`
+	FLOPsFloor      float64          `json:"flops_floor_s"`
+	Efficiency      float64          `json:"efficiency"` // max(floor) / step
+	DistinctExperts float64          `json:"distinct_experts_per_moe_layer"`
+	Breakdown       map[string]int64 `json:"floor_bytes_by_part"`
+}
+
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("bad batch size %q", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// Run parses args (without the command name) and runs the benchmark.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("bench step", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o Options
+	var batches string
+	fs.StringVar(&o.Model, "model", "synth:glm-4.5-air", "model directory (config.json) or synth:PRESET[-fp8]")
+	fs.IntVar(&o.Layers, "layers", 4, "decoder layers to build (the first N of the model)")
+	fs.StringVar(&batches, "batch", "1,16,64", "decode batch sizes (sequences)")
+	fs.IntVar(&o.Context, "context", 4096, "tokens already in each sequence's KV cache for decode")
+	fs.IntVar(&o.Prefill, "prefill", 8192, "prompt tokens for the prefill step (0: skip)")
+	fs.IntVar(&o.Iters, "iters", 10, "timed steps per phase")
+	fs.IntVar(&o.Warmup, "warmup", 3, "untimed steps per phase")
+	fs.BoolVar(&o.JSON, "json", false, "print a JSON report instead of a table")
+	fs.IntVar(&o.Device, "device", 0, "CUDA device ordinal")
+	fs.IntVar(&o.BlockSize, "block-size", 16, "KV cache block size (tokens)")
+	fs.StringVar(&o.KVDType, "kv-cache-dtype", "bf16", "KV cache dtype: bf16 or f32")
+	fs.BoolVar(&o.FastGemm, "fast-gemm", false, "round activations to bf16 once in cuBLAS GEMMs (default: two bf16 halves, ~f32 accuracy)")
+	fs.StringVar(&o.LoadFormat, "load-format", "dummy", "weights: dummy (random, made on the GPU)")
+	fs.BoolVar(&o.Profile, "profile", false, "also time every operation of one step of each phase (to stderr)")
+	fs.BoolVar(&o.Graph, "cuda-graph", true, "also time decode steps replayed from a captured CUDA graph")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var err error
+	if o.Batches, err = parseInts(batches); err != nil {
+		return err
+	}
+	if o.LoadFormat != "dummy" {
+		return fmt.Errorf("bench step: --load-format %q: only dummy is supported", o.LoadFormat)
+	}
+	if o.Layers <= 0 || o.Context < 0 || o.Prefill < 0 || o.Iters <= 0 || o.BlockSize <= 0 {
+		return fmt.Errorf("bench step: --layers, --iters and --block-size must be positive, --context and --prefill not negative")
+	}
+	rep, err := run(ctx, o, stderr)
+	if err != nil {
+		return err
+	}
+	rep.CommandLine = "glmtopo bench step " + strings.Join(args, " ")
+	if o.JSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	printTable(stdout, rep)
+	return nil
+}
+
+func loadConfig(name string, layers int) (*model.Config, error) {
+	var cfg *model.Config
+	var err error
+	if p, ok := strings.CutPrefix(name, "synth:"); ok {
+		cfg, err = model.Preset(p)
+	} else {
+		cfg, err = model.LoadConfig(name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if layers > cfg.NumHiddenLayers {
+		return nil, fmt.Errorf("bench step: --layers %d but the model has %d", layers, cfg.NumHiddenLayers)
+	}
+	return cfg.WithLayers(layers)
+}
+
+func printTable(w io.Writer, r *Report) {
+	fmt.Fprintf(w, "device %s | model %s, %d layers (%d dense), weights %.2f GiB | KV %s | wide GEMM %s\n",
+		r.Device, r.Model, r.Layers, r.Dense, float64(r.WeightBytes)/(1<<30), r.KVDType, r.WideGemm)
+	fmt.Fprintf(w, "measured: HBM read %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", r.ReadBW/1e9, r.GemmFLOPS/1e12)
+	fmt.Fprintf(w, "%-8s %6s %8s %8s %10s %10s %10s %10s %10s %8s %9s\n", "phase", "batch", "context", "tokens",
+		"eager ms", "graph ms", "wall ms", "floor ms", "GB read", "% floor", "experts")
+	for _, x := range r.Results {
+		floor := max(x.BytesFloor, x.FLOPsFloor)
+		fmt.Fprintf(w, "%-8s %6d %8d %8d %10.3f %10.3f %10.3f %10.3f %10.2f %7.1f%% %9.1f\n", x.Phase, x.Batch, x.Context, x.Tokens,
+			x.EagerSeconds*1e3, x.GraphSeconds*1e3, x.WallSeconds*1e3, floor*1e3, float64(x.Bytes)/1e9, 100*x.Efficiency, x.DistinctExperts)
+	}
+}
+
+// bench holds the built model on the GPU.
+type bench struct {
+	o      Options
+	be     *cuda.Backend
+	cfg    *model.Config
+	w      *model.Weights
+	caches []*kernels.KVCache
+	kvElem int
+	rng    *rand.Rand
+	log    io.Writer
+	prof   *profiler
+	// graphTemps live as long as a captured graph.
+	graphTemps []*kernels.Tensor
+}
+
+// profile runs one step of bt through the per-operation profiler.
+func (b *bench) profile(title string, bt *kernels.Batch, lastRows []int) error {
+	if !b.o.Profile {
+		return nil
+	}
+	tm, err := b.be.NewTimer()
+	if err != nil {
+		return err
+	}
+	defer tm.Close()
+	b.prof = &profiler{Backend: b.be, tm: tm, total: map[string]float64{}, calls: map[string]int{}}
+	defer func() { b.prof = nil }()
+	f, err := b.step(bt, lastRows)
+	if f != nil {
+		defer f.Release()
+	}
+	if err != nil {
+		return err
+	}
+	if err := b.be.Sync(); err != nil {
+		return err
+	}
+	b.prof.print(b.log, title)
+	return nil
+}
+
+func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
+	start := time.Now()
+	cfg, err := loadConfig(o.Model, o.Layers)
+	if err != nil {
+		return nil, err
+	}
+	be, err := cuda.New(cuda.Options{Device: o.Device, FastWideGemm: o.FastGemm})
+	if err != nil {
+		return nil, err
+	}
+	defer be.Close()
+	b := &bench{o: o, be: be, cfg: cfg, rng: rand.New(rand.NewPCG(1, 2)), log: log}
+	rep := &Report{Device: be.DeviceName(), Model: o.Model, Layers: cfg.NumHiddenLayers, Dense: cfg.FirstKDenseReplace,
+		KVDType: o.KVDType, WideGemm: "bf16x2 (hi+lo split)"}
+	if o.FastGemm {
+		rep.WideGemm = "bf16"
+	}
+	fmt.Fprintf(log, "bench step: measuring HBM read bandwidth and GEMM throughput on %s\n", be.DeviceName())
+	if rep.ReadBW, err = be.ReadBandwidth(4<<30, 10); err != nil {
+		return nil, fmt.Errorf("read bandwidth: %w", err)
+	}
+	if rep.GemmFLOPS, err = be.GemmFLOPS(8192, 8192, 8192, 10); err != nil {
+		return nil, fmt.Errorf("gemm throughput: %w", err)
+	}
+	dw := newDummy(be, cfg)
+	defer dw.free()
+	fmt.Fprintf(log, "bench step: making %d layers of %s weights on the GPU\n", cfg.NumHiddenLayers, o.Model)
+	if b.w, err = dw.weights(); err != nil {
+		return nil, err
+	}
+	rep.WeightBytes = tensorBytes(dw.all...)
+	if err := b.makeCaches(); err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, c := range b.caches {
+			be.Free(c.K)
+			be.Free(c.V)
+		}
+	}()
+	if err := be.Sync(); err != nil {
+		return nil, err
+	}
+	for _, B := range o.Batches {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		r, err := b.decode(B)
+		if err != nil {
+			return nil, fmt.Errorf("decode batch %d: %w", B, err)
+		}
+		r.BytesFloor = float64(r.Bytes) / rep.ReadBW
+		r.FLOPsFloor = r.FLOPs / rep.GemmFLOPS
+		r.Efficiency = max(r.BytesFloor, r.FLOPsFloor) / r.StepSeconds
+		rep.Results = append(rep.Results, r)
+		fmt.Fprintf(log, "bench step: decode batch %d: %.3f ms (floor %.3f ms)\n", B, r.StepSeconds*1e3, r.BytesFloor*1e3)
+	}
+	if o.Prefill > 0 {
+		r, err := b.prefill(o.Prefill)
+		if err != nil {
+			return nil, fmt.Errorf("prefill %d: %w", o.Prefill, err)
+		}
+		r.BytesFloor = float64(r.Bytes) / rep.ReadBW
+		r.FLOPsFloor = r.FLOPs / rep.GemmFLOPS
+		r.Efficiency = max(r.BytesFloor, r.FLOPsFloor) / r.StepSeconds
+		rep.Results = append(rep.Results, r)
+	}
+	rep.ElapsedSecond = time.Since(start).Seconds()
+	return rep, nil
+}
+
+// makeCaches allocates each layer's paged K/V for the largest phase and
+// fills them with random values (decode reads a full context of them).
+func (b *bench) makeCaches() error {
+	c := b.cfg
+	maxB := 0
+	for _, B := range b.o.Batches {
+		maxB = max(maxB, B)
+	}
+	bs := b.o.BlockSize
+	blocks := max(maxB*((b.o.Context+1+bs-1)/bs), (b.o.Prefill+bs-1)/bs)
+	dt := kernels.BF16
+	switch b.o.KVDType {
+	case "bf16":
+	case "f32":
+		dt = kernels.F32
+	default:
+		return fmt.Errorf("--kv-cache-dtype %q: want bf16 or f32", b.o.KVDType)
+	}
+	b.kvElem = dt.Size()
+	need := int64(c.NumHiddenLayers) * 2 * int64(blocks*bs) * int64(c.KVDim()) * int64(dt.Size())
+	fmt.Fprintf(b.log, "bench step: KV cache %d blocks × %d layers, %.2f GiB\n", blocks, c.NumHiddenLayers, float64(need)/(1<<30))
+	for range c.NumHiddenLayers {
+		k, err := b.be.NewTensor(dt, blocks*bs, c.NumKeyValueHeads, c.HeadDim)
+		if err != nil {
+			return fmt.Errorf("kv cache (%.1f GiB for all layers; lower --layers, --batch or --context): %w", float64(need)/(1<<30), err)
+		}
+		v, err := b.be.NewTensor(dt, blocks*bs, c.NumKeyValueHeads, c.HeadDim)
+		if err != nil {
+			b.be.Free(k)
+			return fmt.Errorf("kv cache (%.1f GiB for all layers; lower --layers, --batch or --context): %w", float64(need)/(1<<30), err)
+		}
+		b.caches = append(b.caches, &kernels.KVCache{K: k, V: v, BlockSize: bs, KVHeads: c.NumKeyValueHeads, HeadDim: c.HeadDim})
+		if err := b.be.Fill(k, uint64(len(b.caches)*2), 1); err != nil {
+			return err
+		}
+		if err := b.be.Fill(v, uint64(len(b.caches)*2+1), 1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// batch lays out nseq sequences of `cached` cached tokens plus `tokens` new ones each.
+func (b *bench) batch(nseq, cached, tokens int) *kernels.Batch {
+	bs := b.o.BlockSize
+	per := (cached + tokens + bs - 1) / bs
+	bt := &kernels.Batch{}
+	for s := 0; s < nseq; s++ {
+		table := make([]int32, per)
+		for i := range table {
+			table[i] = int32(s*per + i)
+		}
+		for j := 0; j < tokens; j++ {
+			pos := cached + j
+			bt.Positions = append(bt.Positions, int32(pos))
+			bt.SeqIndex = append(bt.SeqIndex, int32(s))
+			bt.Slots = append(bt.Slots, table[pos/bs]*int32(bs)+int32(pos%bs))
+		}
+		bt.BlockTables = append(bt.BlockTables, table)
+		bt.ContextLens = append(bt.ContextLens, int32(cached+tokens))
+	}
+	return bt
+}
+
+// step runs one forward step (embedding, layers, final norm, lm_head on the
+// last token of each sequence, argmax) and leaves it queued on the stream.
+func (b *bench) step(bt *kernels.Batch, lastRows []int) (*model.Forward, error) {
+	ids := make([]int32, bt.Tokens())
+	for i := range ids {
+		ids[i] = int32(b.rng.IntN(b.cfg.VocabSize))
+	}
+	meta, err := b.be.UploadBatch(bt)
+	if err != nil {
+		return nil, err
+	}
+	var be kernels.Backend = b.be
+	if b.prof != nil {
+		be = b.prof
+	}
+	f := &model.Forward{Cfg: b.cfg, BE: be, Meta: meta, T: len(ids)}
+	h, err := f.Embed(b.w.Embed, ids)
+	if err != nil {
+		return f, err
+	}
+	for i, lw := range b.w.Layers {
+		if err := f.Layer(lw, h, b.caches[i]); err != nil {
+			return f, err
+		}
+	}
+	sel := h
+	if len(lastRows) != len(ids) {
+		if sel, err = f.Gather(h, lastRows); err != nil {
+			return f, err
+		}
+	}
+	_, logits, err := f.Head(sel, b.w.FinalNorm, b.w.LMHead)
+	if err != nil {
+		return f, err
+	}
+	out, err := b.be.NewTensor(kernels.I32, logits.Rows())
+	if err != nil {
+		return f, err
+	}
+	defer b.be.Free(out)
+	return f, b.be.Argmax(out, logits)
+}
+
+// timeSteps runs warmup + iters steps and returns the median device and wall times.
+func (b *bench) timeSteps(bt *kernels.Batch, lastRows []int, warmup, iters int) (float64, float64, error) {
+	tm, err := b.be.NewTimer()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer tm.Close()
+	var dev, wall []float64
+	for i := 0; i < warmup+iters; i++ {
+		t0 := time.Now()
+		if err := tm.Start(); err != nil {
+			return 0, 0, err
+		}
+		f, err := b.step(bt, lastRows)
+		if err == nil {
+			err = tm.Stop()
+		}
+		var s float64
+		if err == nil {
+			s, err = tm.Seconds()
+		}
+		if err == nil {
+			err = b.be.Sync()
+		}
+		if f != nil {
+			f.Release()
+		}
+		if err != nil {
+			return 0, 0, err
+		}
+		if i >= warmup {
+			dev = append(dev, s)
+			wall = append(wall, time.Since(t0).Seconds())
+		}
+	}
+	return median(dev), median(wall), nil
+}
+
+// graphStep issues one decode step with no host traffic (embedding from
+// ids already on the device), for capture.
+func (b *bench) graphStep(meta kernels.BatchMeta, ids, out *kernels.Tensor) (*model.Forward, error) {
+	T := ids.Elements()
+	f := &model.Forward{Cfg: b.cfg, BE: b.be, Meta: meta, T: T}
+	h, err := b.be.NewTensor(kernels.F32, T, b.cfg.HiddenSize)
+	if err != nil {
+		return f, err
+	}
+	b.graphTemps = append(b.graphTemps, h)
+	if err := b.be.Embed(h, b.w.Embed, ids); err != nil {
+		return f, err
+	}
+	for i, lw := range b.w.Layers {
+		if err := f.Layer(lw, h, b.caches[i]); err != nil {
+			return f, err
+		}
+	}
+	_, logits, err := f.Head(h, b.w.FinalNorm, b.w.LMHead)
+	if err != nil {
+		return f, err
+	}
+	return f, b.be.Argmax(out, logits)
+}
+
+// timeGraph captures a decode step of bt and times its replays.
+func (b *bench) timeGraph(bt *kernels.Batch, iters int) (float64, error) {
+	be := b.be
+	T := bt.Tokens()
+	ids, err := be.NewTensor(kernels.I32, T)
+	if err != nil {
+		return 0, err
+	}
+	out, err := be.NewTensor(kernels.I32, T)
+	if err != nil {
+		return 0, err
+	}
+	b.graphTemps = append(b.graphTemps, ids, out)
+	defer func() {
+		for _, t := range b.graphTemps {
+			be.Free(t)
+		}
+		b.graphTemps = nil
+	}()
+	raw := make([]byte, 4*T)
+	for i := 0; i < T; i++ {
+		v := uint32(b.rng.IntN(b.cfg.VocabSize))
+		raw[4*i], raw[4*i+1], raw[4*i+2], raw[4*i+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+	}
+	if err := be.Upload(ids, raw); err != nil {
+		return 0, err
+	}
+	meta, err := be.NewBatchMeta(bt)
+	if err != nil {
+		return 0, err
+	}
+	defer be.FreeBatchMeta(meta)
+	warm, err := b.graphStep(meta, ids, out) // compiles, uploads expert tables
+	if warm != nil {
+		defer warm.Release()
+	}
+	if err != nil {
+		return 0, err
+	}
+	if err := be.BeginCapture(); err != nil {
+		return 0, err
+	}
+	f, err := b.graphStep(meta, ids, out)
+	if f != nil {
+		defer f.Release()
+	}
+	g, cerr := be.EndCapture()
+	if err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, cerr
+	}
+	defer g.Close()
+	tm, err := be.NewTimer()
+	if err != nil {
+		return 0, err
+	}
+	defer tm.Close()
+	var times []float64
+	for i := 0; i < iters+2; i++ {
+		if err := tm.Start(); err != nil {
+			return 0, err
+		}
+		if err := g.Launch(); err != nil {
+			return 0, err
+		}
+		if err := tm.Stop(); err != nil {
+			return 0, err
+		}
+		s, err := tm.Seconds()
+		if err != nil {
+			return 0, err
+		}
+		if i >= 2 {
+			times = append(times, s)
+		}
+	}
+	return median(times), be.Sync()
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j] < s[j-1]; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+	return s[len(s)/2]
+}
+
+// touched runs one untimed step and counts, per MoE layer, the distinct experts routed to.
+func (b *bench) touched(bt *kernels.Batch, lastRows []int) ([]int, error) {
+	var counts []int
+	b.be.RouteObserver = func(ids []int32, experts int) {
+		seen := make(map[int32]bool, experts)
+		for _, id := range ids {
+			seen[id] = true
+		}
+		counts = append(counts, len(seen))
+	}
+	defer func() { b.be.RouteObserver = nil }()
+	f, err := b.step(bt, lastRows)
+	if f != nil {
+		defer f.Release()
+	}
+	if err != nil {
+		return nil, err
+	}
+	return counts, b.be.Sync()
+}
