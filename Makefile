@@ -3,7 +3,7 @@ export CGO_ENABLED := 0
 GO       ?= go
 BIN      := bin/glmtopo
 CACHE    ?= $(CURDIR)/.cache
-FUZZTIME ?= 3s
+FUZZTIME ?= 20000x
 
 .PHONY: all build test vet run fuzz bench gpu-test clean
 
