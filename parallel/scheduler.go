@@ -17,13 +17,13 @@ type SchedulerOptions struct {
 	MaxNumSeqs    int // sequences decoded together (default 64)
 	MaxWaiting    int // queued requests before ErrSaturated (default 1024)
 	MaxModelLen   int // prompt + completion limit (default: the model's max positions, capped by the KV pool)
-	PrefillTokens int // prompt tokens prefilled per step, over all new sequences (default 2048)
+	PrefillTokens int // prompt tokens prefilled per step over all sequences: the chunked-prefill budget (default 2048)
 	Logger        *slog.Logger
 }
 
 // Scheduler serves concurrent requests on one Engine with continuous
-// batching: every step prefills newly admitted prompts and decodes one token
-// for each running sequence. It implements Generator.
+// batching: every step decodes one token for each running sequence and
+// prefills prompt chunks within a token budget. It implements Generator.
 type Scheduler struct {
 	eng  *Engine
 	opt  SchedulerOptions
@@ -53,6 +53,8 @@ type request struct {
 	rng       *rand.Rand
 	generated int
 	last      int32
+	prefilled int // prompt tokens already in the cache
+	chunk     int // prompt tokens in the current step
 	cancelled atomic.Bool
 
 	mu     sync.Mutex
@@ -236,7 +238,7 @@ func (s *Scheduler) loop(ctx context.Context) {
 	}()
 	for {
 		s.reap()
-		admitted := s.admit()
+		s.admit()
 		if len(s.running) == 0 {
 			select {
 			case <-ctx.Done():
@@ -248,7 +250,7 @@ func (s *Scheduler) loop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if err := s.step(admitted); err != nil {
+		if err := s.step(); err != nil {
 			s.log.Error("engine step failed; failing its sequences", "err", err)
 			for _, r := range s.running {
 				s.eng.KV.Release(&r.seq)
@@ -285,56 +287,49 @@ func (s *Scheduler) reap() {
 	s.Running.Store(int64(len(s.running)))
 }
 
-// admit moves waiting requests to running, FIFO, while there are sequence slots,
-// prefill budget and KV blocks for the whole request (so nothing is ever preempted).
-func (s *Scheduler) admit() []*request {
+// admit moves waiting requests to running, FIFO, while there are sequence
+// slots and KV blocks for the whole request (so nothing is ever preempted).
+func (s *Scheduler) admit() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var admitted []*request
-	budget := s.opt.PrefillTokens
 	for len(s.waiting) > 0 && len(s.running) < s.opt.MaxNumSeqs {
 		r := s.waiting[0]
 		n := len(r.req.PromptIDs)
-		if len(admitted) > 0 && n > budget {
-			break
-		}
 		if err := s.eng.KV.Reserve(&r.seq, n+r.req.MaxNewTokens); err != nil {
-			if len(s.running) == 0 && len(admitted) == 0 {
-				// Nothing else holds blocks: this request can never fit.
-				s.waiting = s.waiting[1:]
-				s.eng.KV.Release(&r.seq)
-				r.end(FinishAbort, fmt.Errorf("%w: %d tokens exceed the KV cache (%d)", ErrPromptTooLong,
-					n+r.req.MaxNewTokens, s.eng.KV.NumBlocks*s.eng.KV.BlockSize))
-				continue
-			}
 			s.eng.KV.Release(&r.seq)
-			break
+			if len(s.running) > 0 {
+				break // wait for running sequences to free blocks
+			}
+			// Nothing else holds blocks: this request can never fit.
+			s.waiting = s.waiting[1:]
+			r.end(FinishAbort, fmt.Errorf("%w: %d tokens exceed the KV cache (%d)", ErrPromptTooLong,
+				n+r.req.MaxNewTokens, s.eng.KV.NumBlocks*s.eng.KV.BlockSize))
+			continue
 		}
-		budget -= n
 		s.waiting = s.waiting[1:]
 		s.running = append(s.running, r)
-		admitted = append(admitted, r)
 	}
 	s.Waiting.Store(int64(len(s.waiting)))
 	s.Running.Store(int64(len(s.running)))
-	return admitted
 }
 
-// step prefills the admitted requests and decodes the others, in one engine step.
-func (s *Scheduler) step(admitted []*request) error {
-	isNew := map[*request]bool{}
-	for _, r := range admitted {
-		isNew[r] = true
-	}
+// step runs one engine step: a decode token for every sequence past its
+// prompt, and prompt chunks (chunked prefill) within the PrefillTokens budget,
+// so a long prompt never stalls the running batch for more than one budget.
+func (s *Scheduler) step() error {
 	inputs := make([]StepInput, 0, len(s.running))
 	order := make([]*request, 0, len(s.running))
+	budget := s.opt.PrefillTokens
 	for _, r := range s.running {
+		r.chunk = 0
 		toks := []int32{r.last}
-		if isNew[r] {
-			toks = make([]int32, len(r.req.PromptIDs))
-			for i, id := range r.req.PromptIDs {
-				toks[i] = int32(id)
+		if n := len(r.req.PromptIDs); r.prefilled < n {
+			if budget <= 0 {
+				continue // its prompt continues next step
 			}
+			r.chunk = min(budget, n-r.prefilled)
+			budget -= r.chunk
+			toks = toI32(r.req.PromptIDs[r.prefilled : r.prefilled+r.chunk])
 		}
 		inputs = append(inputs, StepInput{Seq: &r.seq, Tokens: toks})
 		order = append(order, r)
@@ -347,7 +342,11 @@ func (s *Scheduler) step(admitted []*request) error {
 	params := make([]kernels.SampleParams, len(order))
 	for i, r := range order {
 		sp := r.req.Sampling
-		params[i] = kernels.SampleParams{Temperature: sp.Temperature, TopP: sp.TopP, TopK: sp.TopK, U: r.rng.Float32()}
+		params[i] = kernels.SampleParams{Temperature: sp.Temperature, TopP: sp.TopP, TopK: sp.TopK}
+		if r.chunk > 0 && r.prefilled+r.chunk < len(r.req.PromptIDs) {
+			continue // mid-prompt: its row is not sampled (and draws no random number)
+		}
+		params[i].U = r.rng.Float32()
 		if r.generated < r.req.MinNewTokens && !r.req.IgnoreEOS {
 			params[i].Ban = append(append([]int32(nil), s.eos...), toI32(r.req.StopTokenIDs)...)
 		}
@@ -356,9 +355,23 @@ func (s *Scheduler) step(admitted []*request) error {
 	if err != nil {
 		return err
 	}
-	kept := s.running[:0]
+	sampled := map[*request]int32{}
 	for i, r := range order {
-		tok := toks[i]
+		if r.chunk > 0 {
+			r.prefilled += r.chunk
+			if r.prefilled < len(r.req.PromptIDs) {
+				continue
+			}
+		}
+		sampled[r] = toks[i]
+	}
+	kept := s.running[:0]
+	for _, r := range s.running {
+		tok, ok := sampled[r]
+		if !ok {
+			kept = append(kept, r) // still prefilling
+			continue
+		}
 		r.generated++
 		r.last = tok
 		finish, stop := s.finished(r, tok)

@@ -208,3 +208,28 @@ func TestSchedulerSaturated(t *testing.T) {
 	cancel()
 	wg.Wait()
 }
+
+// Chunked prefill (8 prompt tokens per step) gives exactly the golden tokens,
+// for several long prompts sharing steps with each other's decode.
+func TestSchedulerChunkedPrefill(t *testing.T) {
+	s, g := fixtureScheduler(t, SchedulerOptions{PrefillTokens: 8})
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		prompt := ints(g.ids(fmt.Sprintf("prompt_%d", i)))
+		want := ints(g.ids(fmt.Sprintf("greedy_%d", i)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, _, err := collect(context.Background(), s, Request{PromptIDs: prompt, MaxNewTokens: 16, IgnoreEOS: true})
+			if err != nil || fmt.Sprint(got) != fmt.Sprint(want) {
+				errs <- fmt.Errorf("prompt %d (%d tokens): got %v want %v (%v)", i, len(prompt), got, want, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}

@@ -22,6 +22,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	dir := fs.String("model", "", "checkpoint directory with config.json, shards and tokenizer.json (required)")
 	tokDir := fs.String("tokenizer", "", "directory or tokenizer.json (default: the model directory)")
 	kvTokens := fs.Int("kv-cache-tokens", 0, "tokens the paged KV cache holds (default: max-model-len × 8)")
+	batched := fs.Int("max-num-batched-tokens", 2048, "prompt tokens prefilled per engine step (chunked prefill budget)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -58,7 +59,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer closeEngine()
-	sched := parallel.NewScheduler(eng, parallel.SchedulerOptions{MaxNumSeqs: cfg.MaxNumSeqs, MaxWaiting: cfg.MaxWaiting, MaxModelLen: cfg.MaxModelLen})
+	sched := parallel.NewScheduler(eng, parallel.SchedulerOptions{MaxNumSeqs: cfg.MaxNumSeqs, MaxWaiting: cfg.MaxWaiting,
+		MaxModelLen: cfg.MaxModelLen, PrefillTokens: *batched})
 	defer sched.Close()
 	srv, err := serve.NewServer(cfg, sched, tok, slog.Default())
 	if err != nil {
