@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/parallel"
 )
 
@@ -23,6 +22,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	seed := fs.Int64("seed", -1, "sampling seed (-1 = random)")
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at end-of-sequence tokens")
 	asJSON := fs.Bool("json", false, `print {"ids":[...]}`)
+	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -38,7 +38,12 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		prompt = append(prompt, v)
 	}
-	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, cpu.New(0), parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16}, nil)
+	be, kv, err := openBackend(*device)
+	if err != nil {
+		return err
+	}
+	defer be.Close()
+	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16, KVDType: kv}, nil)
 	if err != nil {
 		return err
 	}

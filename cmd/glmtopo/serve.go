@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"path/filepath"
 
-	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/parallel"
 	"github.com/glmtopo/glmtopo/serve"
 	"github.com/glmtopo/glmtopo/serve/tokenizer"
@@ -22,6 +21,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	dir := fs.String("model", "", "checkpoint directory with config.json, shards and tokenizer.json (required)")
 	tokDir := fs.String("tokenizer", "", "directory or tokenizer.json (default: the model directory)")
 	kvTokens := fs.Int("kv-cache-tokens", 0, "tokens the paged KV cache holds (default: max-model-len × 8)")
+	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
 	batched := fs.Int("max-num-batched-tokens", 2048, "prompt tokens prefilled per engine step (chunked prefill budget)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -54,7 +54,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		*kvTokens = maxLen * 8
 	}
 	slog.Info("loading model", "dir", *dir)
-	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, cpu.New(0), parallel.EngineOptions{MaxTokens: *kvTokens}, progress(stderr, "load"))
+	be, kv, err := openBackend(*device)
+	if err != nil {
+		return err
+	}
+	defer be.Close()
+	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: *kvTokens, KVDType: kv}, progress(stderr, "load"))
 	if err != nil {
 		return err
 	}

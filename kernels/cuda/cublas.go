@@ -23,12 +23,12 @@ type cublas struct {
 
 // cuBLAS / CUDA enum values (cublas_api.h, library_types.h).
 const (
-	cudaR32F        = 0
-	cudaR16BF       = 14
+	cudaR32F         = 0
+	cudaR16BF        = 14
 	cublasCompute32F = 68
-	cublasOpN       = 0
-	cublasOpT       = 1
-	cublasGemmDflt  = -1
+	cublasOpN        = 0
+	cublasOpT        = 1
+	cublasGemmDflt   = -1
 )
 
 func openCublas(stream, workspace uintptr, wsBytes uintptr) (*cublas, error) {

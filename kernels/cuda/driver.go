@@ -16,41 +16,42 @@ type driver struct {
 
 	launchKernel, ctxSetCurrent, graphLaunch, eventRecord uintptr
 
-	cuInit                   func(flags uint32) int32
-	cuDriverGetVersion       func(v *int32) int32
-	cuDeviceGetCount         func(n *int32) int32
-	cuDeviceGet              func(dev *int32, ordinal int32) int32
-	cuDeviceGetName          func(name *byte, n int32, dev int32) int32
-	cuDeviceGetAttribute     func(v *int32, attr int32, dev int32) int32
-	cuDevicePrimaryCtxRetain func(ctx *uintptr, dev int32) int32
-	cuDevicePrimaryCtxRelease func(dev int32) int32
-	cuCtxSynchronize         func() int32
-	cuStreamCreate           func(s *uintptr, flags uint32) int32
-	cuStreamDestroy          func(s uintptr) int32
-	cuStreamSynchronize      func(s uintptr) int32
-	cuMemAlloc               func(p *uintptr, n uintptr) int32
-	cuMemFree                func(p uintptr) int32
-	cuMemGetInfo             func(free, total *uintptr) int32
-	cuMemcpyHtoDAsync        func(dst uintptr, src unsafe.Pointer, n uintptr, s uintptr) int32
-	cuMemcpyDtoHAsync        func(dst unsafe.Pointer, src uintptr, n uintptr, s uintptr) int32
-	cuMemcpyDtoDAsync        func(dst, src uintptr, n uintptr, s uintptr) int32
-	cuMemsetD32Async         func(dst uintptr, v uint32, n uintptr, s uintptr) int32
-	cuMemHostRegister        func(p unsafe.Pointer, n uintptr, flags uint32) int32
-	cuMemHostUnregister      func(p unsafe.Pointer) int32
-	cuModuleLoadData         func(m *uintptr, image unsafe.Pointer) int32
-	cuModuleGetFunction      func(f *uintptr, m uintptr, name string) int32
-	cuFuncSetAttribute       func(f uintptr, attr int32, v int32) int32
-	cuEventCreate            func(e *uintptr, flags uint32) int32
-	cuEventDestroy           func(e uintptr) int32
-	cuEventSynchronize       func(e uintptr) int32
-	cuEventElapsedTime       func(ms *float32, start, end uintptr) int32
-	cuGetErrorName           func(res int32, s **byte) int32
-	cuGetErrorString         func(res int32, s **byte) int32
-	cuStreamBeginCapture     func(s uintptr, mode int32) int32
-	cuStreamEndCapture       func(s uintptr, g *uintptr) int32
-	cuGraphInstantiate       func(exec *uintptr, g uintptr, flags uint64) int32
-	cuGraphExecDestroy       func(exec uintptr) int32
-	cuGraphDestroy           func(g uintptr) int32
+	cuInit                                      func(flags uint32) int32
+	cuDriverGetVersion                          func(v *int32) int32
+	cuDeviceGetCount                            func(n *int32) int32
+	cuDeviceGet                                 func(dev *int32, ordinal int32) int32
+	cuDeviceGetName                             func(name *byte, n int32, dev int32) int32
+	cuDeviceGetAttribute                        func(v *int32, attr int32, dev int32) int32
+	cuDevicePrimaryCtxRetain                    func(ctx *uintptr, dev int32) int32
+	cuDevicePrimaryCtxRelease                   func(dev int32) int32
+	cuCtxSynchronize                            func() int32
+	cuStreamCreate                              func(s *uintptr, flags uint32) int32
+	cuStreamDestroy                             func(s uintptr) int32
+	cuStreamSynchronize                         func(s uintptr) int32
+	cuMemAlloc                                  func(p *uintptr, n uintptr) int32
+	cuMemFree                                   func(p uintptr) int32
+	cuMemGetInfo                                func(free, total *uintptr) int32
+	cuMemcpyHtoDAsync                           func(dst uintptr, src unsafe.Pointer, n uintptr, s uintptr) int32
+	cuMemcpyDtoHAsync                           func(dst unsafe.Pointer, src uintptr, n uintptr, s uintptr) int32
+	cuMemcpyDtoDAsync                           func(dst, src uintptr, n uintptr, s uintptr) int32
+	cuMemsetD32Async                            func(dst uintptr, v uint32, n uintptr, s uintptr) int32
+	cuMemHostRegister                           func(p unsafe.Pointer, n uintptr, flags uint32) int32
+	cuMemHostUnregister                         func(p unsafe.Pointer) int32
+	cuModuleLoadData                            func(m *uintptr, image unsafe.Pointer) int32
+	cuModuleGetFunction                         func(f *uintptr, m uintptr, name string) int32
+	cuFuncSetAttribute                          func(f uintptr, attr int32, v int32) int32
+	cuOccupancyMaxActiveBlocksPerMultiprocessor func(n *int32, f uintptr, block int32, smem uintptr) int32
+	cuEventCreate                               func(e *uintptr, flags uint32) int32
+	cuEventDestroy                              func(e uintptr) int32
+	cuEventSynchronize                          func(e uintptr) int32
+	cuEventElapsedTime                          func(ms *float32, start, end uintptr) int32
+	cuGetErrorName                              func(res int32, s **byte) int32
+	cuGetErrorString                            func(res int32, s **byte) int32
+	cuStreamBeginCapture                        func(s uintptr, mode int32) int32
+	cuStreamEndCapture                          func(s uintptr, g *uintptr) int32
+	cuGraphInstantiate                          func(exec *uintptr, g uintptr, flags uint64) int32
+	cuGraphExecDestroy                          func(exec uintptr) int32
+	cuGraphDestroy                              func(g uintptr) int32
 }
 
 var (
@@ -95,6 +96,7 @@ func openDriver() (*driver, error) {
 		{&d.cuMemHostRegister, "cuMemHostRegister_v2"}, {&d.cuMemHostUnregister, "cuMemHostUnregister"},
 		{&d.cuModuleLoadData, "cuModuleLoadData"}, {&d.cuModuleGetFunction, "cuModuleGetFunction"},
 		{&d.cuFuncSetAttribute, "cuFuncSetAttribute"},
+		{&d.cuOccupancyMaxActiveBlocksPerMultiprocessor, "cuOccupancyMaxActiveBlocksPerMultiprocessor"},
 		{&d.cuEventCreate, "cuEventCreate"}, {&d.cuEventDestroy, "cuEventDestroy_v2"},
 		{&d.cuEventSynchronize, "cuEventSynchronize"}, {&d.cuEventElapsedTime, "cuEventElapsedTime"},
 		{&d.cuGetErrorName, "cuGetErrorName"}, {&d.cuGetErrorString, "cuGetErrorString"},
@@ -163,3 +165,7 @@ const (
 	attrL2CacheSize            = 38
 	funcAttrMaxDynamicShared   = 8
 )
+
+func syscallN(fn uintptr, args ...uintptr) (uintptr, uintptr, uintptr) {
+	return purego.SyscallN(fn, args...)
+}

@@ -17,15 +17,15 @@ import (
 type nvrtc struct {
 	version string
 
-	nvrtcVersion          func(major, minor *int32) int32
-	nvrtcCreateProgram    func(p *uintptr, src string, name string, nh int32, headers, names uintptr) int32
-	nvrtcCompileProgram   func(p uintptr, n int32, opts unsafe.Pointer) int32
-	nvrtcGetCUBINSize     func(p uintptr, n *uintptr) int32
-	nvrtcGetCUBIN         func(p uintptr, out unsafe.Pointer) int32
+	nvrtcVersion           func(major, minor *int32) int32
+	nvrtcCreateProgram     func(p *uintptr, src string, name string, nh int32, headers, names uintptr) int32
+	nvrtcCompileProgram    func(p uintptr, n int32, opts unsafe.Pointer) int32
+	nvrtcGetCUBINSize      func(p uintptr, n *uintptr) int32
+	nvrtcGetCUBIN          func(p uintptr, out unsafe.Pointer) int32
 	nvrtcGetProgramLogSize func(p uintptr, n *uintptr) int32
-	nvrtcGetProgramLog    func(p uintptr, out unsafe.Pointer) int32
-	nvrtcDestroyProgram   func(p *uintptr) int32
-	nvrtcGetErrorString   func(res int32) string
+	nvrtcGetProgramLog     func(p uintptr, out unsafe.Pointer) int32
+	nvrtcDestroyProgram    func(p *uintptr) int32
+	nvrtcGetErrorString    func(res int32) string
 }
 
 var (

@@ -1,0 +1,233 @@
+package cuda
+
+import (
+	"encoding/binary"
+	"errors"
+	"math"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/kernels/cpu"
+)
+
+// TestNoCUDAIsAClearError runs everywhere: without a driver New must fail
+// with ErrNoCUDA and name the library; with one it must open a device.
+func TestNoCUDAIsAClearError(t *testing.T) {
+	b, err := New(Options{})
+	if err == nil {
+		defer b.Close()
+		if b.Name() == "" || b.SMs() <= 0 {
+			t.Fatalf("opened a device without a name or SMs: %q %d", b.Name(), b.SMs())
+		}
+		t.Logf("CUDA present: %s", b.Name())
+		return
+	}
+	if !errors.Is(err, ErrNoCUDA) {
+		t.Fatalf("New failed without wrapping ErrNoCUDA: %v", err)
+	}
+	if !strings.Contains(err.Error(), "libcuda") && !strings.Contains(err.Error(), "nvrtc") && !strings.Contains(err.Error(), "device") {
+		t.Fatalf("error does not say what is missing: %v", err)
+	}
+	t.Logf("no CUDA: %v", err)
+}
+
+func TestSizeClass(t *testing.T) {
+	for _, c := range []struct{ in, want uintptr }{{0, 512}, {1, 512}, {512, 512}, {513, 1024}, {1<<20 - 1, 1 << 20}, {1 << 20, 2 << 20}, {(2 << 20) + 1, 4 << 20}} {
+		if got := sizeClass(c.in); got != c.want {
+			t.Errorf("sizeClass(%d) = %d, want %d", c.in, got, c.want)
+		}
+	}
+}
+
+// gpu opens device 0 or skips the test when there is no CUDA.
+func gpu(t testing.TB) *Backend {
+	t.Helper()
+	b, err := New(Options{})
+	if errors.Is(err, ErrNoCUDA) {
+		t.Skipf("no CUDA: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := b.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return b
+}
+
+// twin holds one tensor on both backends.
+type twin struct{ c, g *kernels.Tensor }
+
+type pairT struct {
+	t   *testing.T
+	cpu *cpu.Backend
+	gpu *Backend
+	rng *rand.Rand
+}
+
+func newPair(t *testing.T) *pairT {
+	return &pairT{t: t, cpu: cpu.New(2), gpu: gpu(t), rng: rand.New(rand.NewPCG(1, uint64(len(t.Name()))))}
+}
+
+// sub is p reporting to subtest t.
+func (p *pairT) sub(t *testing.T) *pairT {
+	q := *p
+	q.t = t
+	return &q
+}
+
+func (p *pairT) upload(dt kernels.DType, data []byte, shape ...int) twin {
+	p.t.Helper()
+	c, err := p.cpu.NewTensor(dt, shape...)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if err := p.cpu.Upload(c, data); err != nil {
+		p.t.Fatal(err)
+	}
+	g, err := p.gpu.NewTensor(dt, shape...)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if err := p.gpu.Upload(g, data); err != nil {
+		p.t.Fatal(err)
+	}
+	return twin{c, g}
+}
+
+func f32Bytes(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+	}
+	return b
+}
+
+func i32Bytes(v []int32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], uint32(x))
+	}
+	return b
+}
+
+func (p *pairT) randF32(n int, scale float32) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = (p.rng.Float32()*2 - 1) * scale
+	}
+	return v
+}
+
+func (p *pairT) f32(scale float32, shape ...int) twin {
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	return p.upload(kernels.F32, f32Bytes(p.randF32(n, scale)), shape...)
+}
+
+// poisoned is an output tensor filled with NaN on both backends, so an unwritten element fails the comparison.
+func (p *pairT) poisoned(shape ...int) twin {
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(math.NaN())
+	}
+	return p.upload(kernels.F32, f32Bytes(v), shape...)
+}
+
+func (p *pairT) i32(v []int32, shape ...int) twin {
+	return p.upload(kernels.I32, i32Bytes(v), shape...)
+}
+
+// weight makes a random [n,k] weight in dt (F8E4M3 with the given scale layout).
+func (p *pairT) weight(dt kernels.DType, layout kernels.ScaleLayout, block [2]int, n, k int) twin {
+	p.t.Helper()
+	scale := float32(1 / math.Sqrt(float64(k)))
+	var w twin
+	switch dt {
+	case kernels.F32:
+		return p.f32(scale, n, k)
+	case kernels.BF16:
+		b := make([]byte, 2*n*k)
+		for i := 0; i < n*k; i++ {
+			binary.LittleEndian.PutUint16(b[2*i:], uint16(math.Float32bits((p.rng.Float32()*2-1)*scale)>>16))
+		}
+		w = p.upload(kernels.BF16, b, n, k)
+		return w
+	}
+	b := make([]byte, n*k)
+	for i := range b {
+		q := byte(p.rng.IntN(256))
+		if q&0x7f == 0x7f {
+			q ^= 1
+		}
+		b[i] = q
+	}
+	w = p.upload(kernels.F8E4M3, b, n, k)
+	var s twin
+	if layout == kernels.ScalePerChannel {
+		s = p.upload(kernels.F32, f32Bytes(p.randF32(n, scale/100)), n)
+	} else {
+		rows, cols := (n+block[0]-1)/block[0], (k+block[1]-1)/block[1]
+		s = p.upload(kernels.F32, f32Bytes(p.randF32(rows*cols, scale/100)), rows, cols)
+	}
+	for _, x := range []*kernels.Tensor{w.c, w.g} {
+		x.ScaleLayout, x.ScaleBlock = layout, block
+	}
+	w.c.Scale, w.g.Scale = s.c, s.g
+	return w
+}
+
+// relErr is max|got-want| / max|want| (NaN anywhere is +Inf).
+func relErr(got, want []float32) float64 {
+	if len(got) != len(want) {
+		return math.Inf(1)
+	}
+	var md, mr float64
+	for i := range want {
+		d := math.Abs(float64(got[i]) - float64(want[i]))
+		if math.IsNaN(d) {
+			return math.Inf(1)
+		}
+		md = math.Max(md, d)
+		mr = math.Max(mr, math.Abs(float64(want[i])))
+	}
+	if mr == 0 {
+		return md
+	}
+	return md / mr
+}
+
+// check downloads both sides of x and compares them.
+func (p *pairT) check(what string, x twin, tol float64) {
+	p.t.Helper()
+	want, err := p.cpu.Download(x.c)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	got, err := p.gpu.Download(x.g)
+	if err != nil {
+		p.t.Fatalf("%s: %v", what, err)
+	}
+	if r := relErr(got, want); r > tol {
+		p.t.Errorf("%s: rel err %.3g > %g", what, r, tol)
+	}
+}
+
+func must(t *testing.T, what string, errs ...error) {
+	t.Helper()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+}

@@ -1,0 +1,390 @@
+package cuda
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/glmtopo/glmtopo/kernels"
+)
+
+var (
+	b256  = [3]uint32{256, 1, 1}
+	b128  = [3]uint32{128, 1, 1}
+	b1024 = [3]uint32{1024, 1, 1}
+)
+
+func rows(n int) [3]uint32 { return [3]uint32{uint32(n), 1, 1} }
+
+// op runs fn with the context current.
+func (b *Backend) op(fn func() error) error {
+	if err := b.enter(); err != nil {
+		return err
+	}
+	defer b.leave()
+	return fn()
+}
+
+func (b *Backend) Embed(out, table, ids *kernels.Tensor) error {
+	o, err := ptrOf(out, kernels.F32, "embed output")
+	if err != nil {
+		return err
+	}
+	idp, err := ptrOf(ids, kernels.I32, "embed ids")
+	if err != nil {
+		return err
+	}
+	tb, err := devBuf(table, "embedding table")
+	if err != nil {
+		return err
+	}
+	if len(table.Shape) != 2 || (table.DType != kernels.F32 && table.DType != kernels.BF16) {
+		return fmt.Errorf("cuda: embed table must be 2-D f32 or bf16, got %v %v", table.DType, table.Shape)
+	}
+	h := table.Shape[1]
+	T := ids.Elements()
+	if out.Cols() != h || out.Rows() != T {
+		return fmt.Errorf("cuda: embed shapes: out %v, table %v, %d ids", out.Shape, table.Shape, T)
+	}
+	isBF16 := int32(0)
+	if table.DType == kernels.BF16 {
+		isBF16 = 1
+	}
+	return b.op(func() error {
+		return b.launch("ops", "embed_rows", rows(T), b256, 0, o, tb.ptr, isBF16, idp, int32(T), int32(h), int32(table.Shape[0]), b.errFlag.ptr)
+	})
+}
+
+func (b *Backend) rmsnorm(out, x, add, w *kernels.Tensor, eps float32) error {
+	o, err := ptrOf(out, kernels.F32, "rmsnorm output")
+	if err != nil {
+		return err
+	}
+	xp, err := ptrOf(x, kernels.F32, "rmsnorm input")
+	if err != nil {
+		return err
+	}
+	wp, err := ptrOf(w, kernels.F32, "rmsnorm weight")
+	if err != nil {
+		return err
+	}
+	ap, err := optPtr(add, "residual addend")
+	if err != nil {
+		return err
+	}
+	h := w.Elements()
+	if x.Cols() != h || out.Elements() != x.Elements() || (add != nil && add.Elements() != x.Elements()) {
+		return fmt.Errorf("cuda: rmsnorm shapes: x %v, w %d, out %v", x.Shape, h, out.Shape)
+	}
+	threads := uint32(min(1024, max(32, (h+31)/32*32)))
+	return b.op(func() error {
+		return b.launch("ops", "rmsnorm", rows(x.Rows()), [3]uint32{threads, 1, 1}, 0, o, xp, ap, wp, int32(h), eps)
+	})
+}
+
+func (b *Backend) RMSNorm(out, x, w *kernels.Tensor, eps float32) error {
+	return b.rmsnorm(out, x, nil, w, eps)
+}
+
+func (b *Backend) AddRMSNorm(resid, x, out, w *kernels.Tensor, eps float32) error {
+	if x == nil {
+		return fmt.Errorf("cuda: add-rmsnorm addend is nil")
+	}
+	return b.rmsnorm(out, resid, x, w, eps)
+}
+
+// elementwise runs a (out, a, b, n) kernel after checking the shapes agree.
+func (b *Backend) elementwise(kernel, what string, out, x, y *kernels.Tensor) error {
+	o, err := ptrOf(out, kernels.F32, what+" output")
+	if err != nil {
+		return err
+	}
+	a, err := ptrOf(x, kernels.F32, what+" input")
+	if err != nil {
+		return err
+	}
+	c, err := ptrOf(y, kernels.F32, what+" input")
+	if err != nil {
+		return err
+	}
+	n := x.Elements()
+	if y.Elements() != n || out.Elements() != n {
+		return fmt.Errorf("cuda: %s shapes: %v, %v -> %v", what, x.Shape, y.Shape, out.Shape)
+	}
+	return b.op(func() error {
+		return b.launch("ops", kernel, grid1(int64(n), 256*4), b256, 0, o, a, c, int64(n))
+	})
+}
+
+func (b *Backend) SiluMul(out, gate, up *kernels.Tensor) error {
+	return b.elementwise("silu_mul", "silu-mul", out, gate, up)
+}
+
+func (b *Backend) Add(out, x, y *kernels.Tensor) error {
+	return b.elementwise("add_f32", "add", out, x, y)
+}
+
+func (b *Backend) Concat(out, x, y *kernels.Tensor) error {
+	o, err := ptrOf(out, kernels.F32, "concat output")
+	if err != nil {
+		return err
+	}
+	a, err := ptrOf(x, kernels.F32, "concat a")
+	if err != nil {
+		return err
+	}
+	c, err := ptrOf(y, kernels.F32, "concat b")
+	if err != nil {
+		return err
+	}
+	na, nc, r := x.Cols(), y.Cols(), x.Rows()
+	if y.Rows() != r || out.Rows() != r || out.Cols() != na+nc {
+		return fmt.Errorf("cuda: concat shapes: %v ++ %v -> %v", x.Shape, y.Shape, out.Shape)
+	}
+	return b.op(func() error {
+		return b.launch("ops", "concat_rows", rows(r), b256, 0, o, a, c, int32(r), int32(na), int32(nc))
+	})
+}
+
+func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float32, rope kernels.RopeParams, kvHeads int, cache *kernels.KVCache, meta kernels.BatchMeta) error {
+	m, ok := meta.(*batchMeta)
+	if !ok {
+		return fmt.Errorf("cuda: foreign batch metadata %T", meta)
+	}
+	qp, err := ptrOf(q, kernels.F32, "q")
+	if err != nil {
+		return err
+	}
+	kp, err := ptrOf(k, kernels.F32, "k")
+	if err != nil {
+		return err
+	}
+	vp, err := ptrOf(v, kernels.F32, "v")
+	if err != nil {
+		return err
+	}
+	qn, err := optPtr(qNorm, "q norm")
+	if err != nil {
+		return err
+	}
+	kn, err := optPtr(kNorm, "k norm")
+	if err != nil {
+		return err
+	}
+	if cache == nil || cache.K == nil || cache.V == nil {
+		return fmt.Errorf("cuda: qk-norm-rope: no KV cache")
+	}
+	kc, err := devBuf(cache.K, "k cache")
+	if err != nil {
+		return err
+	}
+	vc, err := devBuf(cache.V, "v cache")
+	if err != nil {
+		return err
+	}
+	d, rot, T := rope.HeadDim, rope.RotaryDim, m.T
+	if q.Rows() != T || q.Cols() != rope.Heads*d || k.Cols() != kvHeads*d || v.Cols() != kvHeads*d || k.Rows() != T || v.Rows() != T {
+		return fmt.Errorf("cuda: qk-norm-rope shapes: q %v k %v v %v for %d tokens", q.Shape, k.Shape, v.Shape, T)
+	}
+	if rot > d || rot%2 != 0 || rot > 256 {
+		return fmt.Errorf("cuda: rotary dim %d invalid for head dim %d (at most 256)", rot, d)
+	}
+	if cache.KVHeads != kvHeads || cache.HeadDim != d || cache.K.DType != cache.V.DType {
+		return fmt.Errorf("cuda: KV cache holds %d heads of %d (%v/%v), layer has %d of %d", cache.KVHeads, cache.HeadDim, cache.K.DType, cache.V.DType, kvHeads, d)
+	}
+	kernel := "qk_norm_rope_kv_f32"
+	switch cache.K.DType {
+	case kernels.F32:
+	case kernels.BF16:
+		kernel = "qk_norm_rope_kv_bf16"
+	default:
+		return fmt.Errorf("cuda: KV cache dtype %v (want f32 or bf16)", cache.K.DType)
+	}
+	nslots := int64(cache.K.Elements() / (kvHeads * d))
+	return b.op(func() error {
+		return b.launch("ops", kernel, rows(T), b128, 0, qp, kp, vp, qn, kn, eps, int32(rope.Heads), int32(kvHeads),
+			int32(d), int32(rot), rope.Theta, m.at(m.pos), m.at(m.slots), nslots, kc.ptr, vc.ptr, b.errFlag.ptr)
+	})
+}
+
+// attnWarps × 32 positions is what one block of attention_split walks per step.
+const attnWarps = 4
+
+func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p kernels.AttentionParams, meta kernels.BatchMeta) error {
+	m, ok := meta.(*batchMeta)
+	if !ok {
+		return fmt.Errorf("cuda: foreign batch metadata %T", meta)
+	}
+	o, err := ptrOf(out, kernels.F32, "attention output")
+	if err != nil {
+		return err
+	}
+	qp, err := ptrOf(q, kernels.F32, "q")
+	if err != nil {
+		return err
+	}
+	if cache == nil || cache.K == nil || cache.V == nil {
+		return fmt.Errorf("cuda: attention: no KV cache")
+	}
+	kc, err := devBuf(cache.K, "k cache")
+	if err != nil {
+		return err
+	}
+	vc, err := devBuf(cache.V, "v cache")
+	if err != nil {
+		return err
+	}
+	d, T := p.HeadDim, m.T
+	if p.KVHeads <= 0 || p.Heads%p.KVHeads != 0 || q.Cols() != p.Heads*d || q.Rows() != T || out.Elements() != q.Elements() {
+		return fmt.Errorf("cuda: attention shapes: q %v out %v heads %d/%d", q.Shape, out.Shape, p.Heads, p.KVHeads)
+	}
+	if d%32 != 0 || d > 256 {
+		return fmt.Errorf("cuda: attention needs a head dim that is a multiple of 32 up to 256, got %d", d)
+	}
+	if cache.KVHeads != p.KVHeads || cache.HeadDim != d {
+		return fmt.Errorf("cuda: KV cache holds %d heads of %d, attention wants %d of %d", cache.KVHeads, cache.HeadDim, p.KVHeads, d)
+	}
+	g := p.Heads / p.KVHeads
+	bf16 := 0
+	switch cache.K.DType {
+	case kernels.F32:
+	case kernels.BF16:
+		bf16 = 1
+	default:
+		return fmt.Errorf("cuda: KV cache dtype %v (want f32 or bf16)", cache.K.DType)
+	}
+	if T == 0 {
+		return nil
+	}
+	// Split the context so that small batches still fill the GPU.
+	nsplit := 1
+	if blocks := p.KVHeads * T; blocks < 4*b.sms {
+		nsplit = min((4*b.sms+blocks-1)/blocks, (m.maxCtx+attnWarps*32-1)/(attnWarps*32))
+	}
+	splitLen := (m.maxCtx + nsplit - 1) / nsplit
+	splitLen = (splitLen + 31) / 32 * 32
+	nsplit = max(1, (m.maxCtx+splitLen-1)/splitLen)
+	key := fmt.Sprintf("attn_g%d_d%d_bf%d", g, d, bf16)
+	smem := 4 * (g*d + attnWarps*g*32 + attnWarps*g*d + attnWarps*g*2)
+	// The tensor-core kernel takes bf16 caches with up to 16 q heads per kv head.
+	useMMA := bf16 == 1 && g <= 16 && d <= 128 && !b.opt.NoTensorCoreAttention
+	// Prefill layout (16 tokens per tile) when tiles are mostly full.
+	prefill := m.nTiles*4 <= T
+	scale := p.Scale * math.Log2E // the kernels work in log2 units (exp2)
+	return b.op(func() error {
+		if _, ok := b.mods[key]; !ok {
+			err := b.loadModule(key, source("common.cuh", "attention.cu"),
+				[]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d), fmt.Sprintf("KV_BF16=%d", bf16)})
+			if err != nil {
+				return err
+			}
+			f, err := b.fn(key, "attention_split")
+			if err != nil {
+				return err
+			}
+			if smem > 48<<10 && !useMMA {
+				if err := b.d.check(b.d.cuFuncSetAttribute(f, funcAttrMaxDynamicShared, int32(smem)), "attention shared memory"); err != nil {
+					return fmt.Errorf("%w (GQA group %d, head dim %d need %d bytes)", err, g, d, smem)
+				}
+			}
+		}
+		var part *buf
+		var pacc, pml uintptr
+		if nsplit > 1 {
+			var err error
+			rowsN := uintptr(T * p.Heads * nsplit)
+			if part, err = b.pool.alloc(4 * rowsN * uintptr(d+2)); err != nil {
+				return err
+			}
+			defer b.pool.put(part)
+			pacc, pml = part.ptr, part.ptr+4*rowsN*uintptr(d)
+		}
+		grid := [3]uint32{uint32(p.KVHeads), uint32(T), uint32(nsplit)}
+		var err error
+		if useMMA && prefill {
+			// Rows are 16 tokens of one q head: K/V read once per 16 queries.
+			err = b.launch(key, "attention_mma", [3]uint32{uint32(p.Heads), uint32(m.nTiles), 1}, b128, 0,
+				o, uintptr(0), uintptr(0), qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
+				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(m.maxCtx), int32(1), m.at(m.tileOff))
+			return err
+		}
+		if useMMA {
+			err = b.launch(key, "attention_mma", grid, b128, 0,
+				o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
+				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(splitLen), int32(nsplit), uintptr(0))
+		} else {
+			err = b.launch(key, "attention_split", grid, b128, uint32(smem),
+				o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
+				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), int32(splitLen), int32(nsplit))
+		}
+		if err != nil || nsplit == 1 {
+			return err
+		}
+		return b.launch(key, "attention_combine", [3]uint32{uint32(p.Heads), uint32(T), 1}, [3]uint32{uint32(min(d, 128)), 1, 1}, 0,
+			o, pacc, pml, int32(p.Heads), int32(nsplit))
+	})
+}
+
+func (b *Backend) Route(ids, weights, logits, bias *kernels.Tensor, p kernels.RouterParams) error {
+	lg, err := ptrOf(logits, kernels.F32, "router logits")
+	if err != nil {
+		return err
+	}
+	bp, err := ptrOf(bias, kernels.F32, "correction bias")
+	if err != nil {
+		return err
+	}
+	ip, err := ptrOf(ids, kernels.I32, "expert ids")
+	if err != nil {
+		return err
+	}
+	wp, err := ptrOf(weights, kernels.F32, "expert weights")
+	if err != nil {
+		return err
+	}
+	e, k := p.Experts, p.TopK
+	if logits.Cols() != e || bias.Elements() != e || p.Groups <= 0 || e%p.Groups != 0 || k > e || k <= 0 {
+		return fmt.Errorf("cuda: route: logits %v, bias %d, params %+v", logits.Shape, bias.Elements(), p)
+	}
+	if e > 512 || p.Groups > 64 || k > 32 {
+		return fmt.Errorf("cuda: route supports up to 512 experts in 64 groups and top-32, got %d in %d, top-%d", e, p.Groups, k)
+	}
+	T := logits.Rows()
+	if ids.Elements() != T*k || weights.Elements() != T*k {
+		return fmt.Errorf("cuda: route: outputs hold %d/%d entries, want %d", ids.Elements(), weights.Elements(), T*k)
+	}
+	norm := int32(0)
+	if p.NormTopK {
+		norm = 1
+	}
+	err = b.op(func() error {
+		return b.launch("ops", "route", [3]uint32{uint32((T + 3) / 4), 1, 1}, b128, 0,
+			ip, wp, lg, bp, int32(T), int32(e), int32(k), int32(p.Groups), int32(p.TopKGroups), norm, p.Scale)
+	})
+	if err == nil && b.RouteObserver != nil {
+		v, err := b.DownloadI32(ids)
+		if err != nil {
+			return err
+		}
+		b.RouteObserver(v, e)
+	}
+	return err
+}
+
+// Argmax writes the index of each row's largest logit into out (I32 [rows])
+// without leaving the device (graph-capturable greedy sampling).
+func (b *Backend) Argmax(out, logits *kernels.Tensor) error {
+	op, err := ptrOf(out, kernels.I32, "argmax output")
+	if err != nil {
+		return err
+	}
+	lp, err := ptrOf(logits, kernels.F32, "logits")
+	if err != nil {
+		return err
+	}
+	if out.Elements() != logits.Rows() {
+		return fmt.Errorf("cuda: argmax: %d outputs for %d rows", out.Elements(), logits.Rows())
+	}
+	return b.op(func() error {
+		return b.launch("ops", "argmax_rows", rows(logits.Rows()), b1024, 0, op, lp, int32(logits.Cols()))
+	})
+}

@@ -1,0 +1,348 @@
+package cuda
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"testing"
+
+	"github.com/glmtopo/glmtopo/kernels"
+)
+
+func TestElementwiseTwins(t *testing.T) {
+	p := newPair(t)
+	for _, sh := range [][2]int{{1, 7}, {5, 131}, {3, 4097}} {
+		T, H := sh[0], sh[1]
+		t.Run(fmt.Sprintf("%dx%d", T, H), func(t *testing.T) {
+			p := p.sub(t)
+			x, y, w := p.f32(2, T, H), p.f32(2, T, H), p.f32(1, H)
+			out := p.poisoned(T, H)
+			must(t, "rmsnorm", p.cpu.RMSNorm(out.c, x.c, w.c, 1e-5), p.gpu.RMSNorm(out.g, x.g, w.g, 1e-5))
+			p.check("rmsnorm", out, 1e-5)
+			resid := p.f32(3, T, H)
+			must(t, "add-rmsnorm", p.cpu.AddRMSNorm(resid.c, x.c, out.c, w.c, 1e-5), p.gpu.AddRMSNorm(resid.g, x.g, out.g, w.g, 1e-5))
+			p.check("add-rmsnorm out", out, 1e-5)
+			p.check("add-rmsnorm residual", resid, 1e-6)
+			must(t, "silu", p.cpu.SiluMul(out.c, x.c, y.c), p.gpu.SiluMul(out.g, x.g, y.g))
+			p.check("silu-mul", out, 1e-5)
+			must(t, "add", p.cpu.Add(out.c, x.c, y.c), p.gpu.Add(out.g, x.g, y.g))
+			p.check("add", out, 1e-6)
+			cat := p.poisoned(T, 2*H+3)
+			z := p.f32(1, T, H+3)
+			must(t, "concat", p.cpu.Concat(cat.c, x.c, z.c), p.gpu.Concat(cat.g, x.g, z.g))
+			p.check("concat", cat, 0)
+		})
+	}
+}
+
+func TestEmbedTwin(t *testing.T) {
+	p := newPair(t)
+	for _, dt := range []kernels.DType{kernels.F32, kernels.BF16} {
+		V, H := 37, 70
+		table := p.weight(dt, 0, [2]int{}, V, H)
+		ids := p.i32([]int32{3, -1, 36, 0, 17}, 5)
+		out := p.poisoned(5, H)
+		must(t, "embed", p.cpu.Embed(out.c, table.c, ids.c), p.gpu.Embed(out.g, table.g, ids.g))
+		p.check("embed "+dt.String(), out, 0)
+	}
+	// An id outside the vocabulary is an error at the next synchronisation.
+	table := p.weight(kernels.BF16, 0, [2]int{}, 10, 8)
+	ids := p.i32([]int32{10}, 1)
+	out := p.poisoned(1, 8)
+	if err := p.gpu.Embed(out.g, table.g, ids.g); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.gpu.Download(out.g); err == nil {
+		t.Fatal("embedding id 10 of 10 was not reported")
+	}
+	if _, err := p.gpu.Download(out.g); err != nil {
+		t.Fatalf("error flag not cleared: %v", err)
+	}
+}
+
+func TestLinearTwin(t *testing.T) {
+	p := newPair(t)
+	type wcase struct {
+		name   string
+		dt     kernels.DType
+		layout kernels.ScaleLayout
+		block  [2]int
+	}
+	wcases := []wcase{
+		{"f32", kernels.F32, 0, [2]int{}},
+		{"bf16", kernels.BF16, 0, [2]int{}},
+		{"fp8-channel", kernels.F8E4M3, kernels.ScalePerChannel, [2]int{}},
+		{"fp8-block128", kernels.F8E4M3, kernels.ScaleBlock, [2]int{128, 128}},
+		{"fp8-block3x5", kernels.F8E4M3, kernels.ScaleBlock, [2]int{3, 5}},
+	}
+	shapes := [][3]int{{1, 37, 83}, {3, 130, 264}, {2, 77, 2056}, {8, 1000, 136}, {6, 9000, 264}, {9, 1000, 136}, {17, 531, 1032}, {40, 77, 520},
+		{1, 4100, 256}, {5, 300, 512}, {12, 130, 384}, {16, 77, 1024}, {40, 77, 512}, {64, 130, 256}} // K % 32 == 0: the tensor-core GEMV
+	for _, wc := range wcases {
+		for _, sh := range shapes {
+			T, N, K := sh[0], sh[1], sh[2]
+			t.Run(fmt.Sprintf("%s/T%d_N%d_K%d", wc.name, T, N, K), func(t *testing.T) {
+				p := p.sub(t)
+				w := p.weight(wc.dt, wc.layout, wc.block, N, K)
+				x := p.f32(1, T, K)
+				bias := p.f32(0.5, N)
+				out := p.poisoned(T, N)
+				must(t, "linear", p.cpu.Linear(out.c, x.c, w.c, bias.c), p.gpu.Linear(out.g, x.g, w.g, bias.g))
+				tol := 5e-5
+				if T > p.gpu.opt.GemvMaxTokens && p.gpu.blas != nil && wc.dt != kernels.F32 && !(T <= mmaMaxTokens && K%32 == 0 && (wc.layout != kernels.ScaleBlock || wc.block[1]%32 == 0)) {
+					tol = 1e-4 // cuBLAS path: activations as two bf16 halves
+					if wc.layout == kernels.ScaleBlock {
+						tol = 5e-3 // and block-scaled weights rounded to bf16
+					}
+				}
+				p.check("linear", out, tol)
+				out2 := p.poisoned(T, N)
+				must(t, "linear without bias", p.cpu.Linear(out2.c, x.c, w.c, nil), p.gpu.Linear(out2.g, x.g, w.g, nil))
+				p.check("linear without bias", out2, tol)
+			})
+		}
+	}
+}
+
+func TestRouteTwin(t *testing.T) {
+	p := newPair(t)
+	for _, rp := range []kernels.RouterParams{
+		{Experts: 40, TopK: 6, Groups: 4, TopKGroups: 2, NormTopK: true, Scale: 2.5},
+		{Experts: 128, TopK: 8, Groups: 1, TopKGroups: 1, NormTopK: true, Scale: 1},
+		{Experts: 13, TopK: 3, Groups: 1, TopKGroups: 1, NormTopK: false, Scale: 1.5},
+	} {
+		t.Run(fmt.Sprintf("E%d_K%d_G%d", rp.Experts, rp.TopK, rp.Groups), func(t *testing.T) {
+			p := p.sub(t)
+			T := 67
+			logits := p.f32(4, T, rp.Experts)
+			bias := p.f32(0.1, rp.Experts)
+			ids := p.i32(make([]int32, T*rp.TopK), T, rp.TopK)
+			wts := p.poisoned(T, rp.TopK)
+			must(t, "route", p.cpu.Route(ids.c, wts.c, logits.c, bias.c, rp), p.gpu.Route(ids.g, wts.g, logits.g, bias.g, rp))
+			wantIDs, _ := p.cpu.DownloadI32(ids.c)
+			gotIDs, err := p.gpu.DownloadI32(ids.g)
+			must(t, "download", err)
+			for i := range wantIDs {
+				if wantIDs[i] != gotIDs[i] {
+					t.Fatalf("ids differ at %d: gpu %v cpu %v", i, gotIDs[:rp.TopK*2], wantIDs[:rp.TopK*2])
+				}
+			}
+			p.check("route weights", wts, 1e-6)
+		})
+	}
+}
+
+func TestMoETwin(t *testing.T) {
+	p := newPair(t)
+	type mcase struct {
+		name   string
+		dt     kernels.DType
+		layout kernels.ScaleLayout
+		block  [2]int
+	}
+	for _, mc := range []mcase{
+		{"bf16", kernels.BF16, 0, [2]int{}},
+		{"fp8-channel", kernels.F8E4M3, kernels.ScalePerChannel, [2]int{}},
+		{"fp8-block", kernels.F8E4M3, kernels.ScaleBlock, [2]int{16, 32}},
+	} {
+		for _, T := range []int{1, 5, 33, 200} {
+			t.Run(fmt.Sprintf("%s/T%d", mc.name, T), func(t *testing.T) {
+				p := p.sub(t)
+				E, K, H, I := 11, 3, 72, 37
+				if mc.dt == kernels.F8E4M3 {
+					H, I = 96, 40
+				}
+				if T == 5 || T == 33 { // multiples of 32: the tensor-core kernels (T 5), the wide GEMMs or CUDA cores (T 33)
+					H, I = 128, 64
+				}
+				ce := make([]*kernels.Expert, E)
+				ge := make([]*kernels.Expert, E)
+				for e := range E {
+					if e == 4 || e == 9 { // not on this device
+						continue
+					}
+					g := p.weight(mc.dt, mc.layout, mc.block, I, H)
+					u := p.weight(mc.dt, mc.layout, mc.block, I, H)
+					d := p.weight(mc.dt, mc.layout, mc.block, H, I)
+					ce[e] = &kernels.Expert{Gate: g.c, Up: u.c, Down: d.c}
+					ge[e] = &kernels.Expert{Gate: g.g, Up: u.g, Down: d.g}
+				}
+				idv := make([]int32, T*K)
+				for tk := 0; tk < T; tk++ {
+					perm := p.rng.Perm(E)
+					for j := 0; j < K; j++ {
+						idv[tk*K+j] = int32(perm[j])
+					}
+				}
+				ids := p.i32(idv, T, K)
+				wts := p.f32(1, T, K)
+				x := p.f32(1, T, H)
+				out := p.poisoned(T, H)
+				must(t, "moe", p.cpu.MoE(out.c, x.c, ids.c, wts.c, ce), p.gpu.MoE(out.g, x.g, ids.g, wts.g, ge))
+				tol := 5e-5
+				if T*K >= 16*(E-2) { // the cuBLAS path: bf16 hi+lo activations
+					tol = 1e-4
+					if mc.dt == kernels.F8E4M3 {
+						tol = 5e-3 // and FP8 weights expanded to bf16 with their scales
+					}
+				}
+				p.check("moe", out, tol)
+			})
+		}
+	}
+}
+
+func TestSampleTwin(t *testing.T) {
+	p := newPair(t)
+	V := 1031
+	logits := p.f32(5, 4, V)
+	greedy := []kernels.SampleParams{{}, {}, {}, {}}
+	want, err := p.cpu.Sample(logits.c, greedy)
+	must(t, "cpu sample", err)
+	got, err := p.gpu.Sample(logits.g, greedy)
+	must(t, "gpu sample", err)
+	if fmt.Sprint(want) != fmt.Sprint(got) {
+		t.Fatalf("greedy: gpu %v cpu %v", got, want)
+	}
+	mixed := []kernels.SampleParams{{}, {Temperature: 0.8, TopP: 0.9, U: 0.3}, {Temperature: 1, TopK: 5, U: 0.99}, {Temperature: 0.5, U: 0.01}}
+	want, _ = p.cpu.Sample(logits.c, mixed)
+	got, err = p.gpu.Sample(logits.g, mixed)
+	must(t, "gpu sample", err)
+	if fmt.Sprint(want) != fmt.Sprint(got) {
+		t.Fatalf("sampled: gpu %v cpu %v", got, want)
+	}
+}
+
+// attentionBatch lays out several sequences, each with some cached tokens
+// and some new ones (a mixed prefill/decode step), over shuffled blocks.
+func attentionBatch(p *pairT, newTok, cached []int, blockSize, numBlocks int) *kernels.Batch {
+	free := p.rng.Perm(numBlocks)
+	b := &kernels.Batch{}
+	for s := range newTok {
+		ctx := cached[s] + newTok[s]
+		nb := (ctx + blockSize - 1) / blockSize
+		table := make([]int32, nb)
+		for i := range table {
+			table[i] = int32(free[0])
+			free = free[1:]
+		}
+		for j := 0; j < newTok[s]; j++ {
+			pos := cached[s] + j
+			b.Positions = append(b.Positions, int32(pos))
+			b.SeqIndex = append(b.SeqIndex, int32(s))
+			b.Slots = append(b.Slots, table[pos/blockSize]*int32(blockSize)+int32(pos%blockSize))
+		}
+		b.BlockTables = append(b.BlockTables, table)
+		b.ContextLens = append(b.ContextLens, int32(ctx))
+	}
+	return b
+}
+
+func TestAttentionTwin(t *testing.T) {
+	p := newPair(t)
+	type acase struct {
+		heads, kv, d, rot int
+		qknorm            bool
+		newTok, cached    []int
+	}
+	for _, ac := range []acase{
+		{4, 2, 32, 16, false, []int{7, 1, 1}, []int{0, 40, 3}},
+		{12, 4, 64, 32, true, []int{1, 1, 1}, []int{700, 5, 129}},
+		{24, 2, 128, 64, true, []int{33, 1}, []int{0, 1500}},
+		{96, 8, 128, 64, false, []int{1, 1, 5}, []int{4095, 17, 300}}, // GLM-4.5's heads: 12 per kv head
+		{40, 2, 64, 32, false, []int{2, 1}, []int{90, 1000}},          // 20 per kv head: the CUDA-core kernel
+		{12, 4, 64, 32, true, []int{20, 40, 3}, []int{30, 0, 7}},      // chunked prefill: 16-token tiles (bf16)
+	} {
+		for _, kvdt := range []kernels.DType{kernels.F32, kernels.BF16} {
+			t.Run(fmt.Sprintf("h%d_kv%d_d%d_%v", ac.heads, ac.kv, ac.d, kvdt), func(t *testing.T) {
+				p := p.sub(t)
+				const bs, nblocks = 16, 400
+				batch := attentionBatch(p, ac.newTok, ac.cached, bs, nblocks)
+				T := batch.Tokens()
+				slots := nblocks * bs
+				// Same cache contents on both sides: random history, then this step's writes.
+				hist := p.randF32(slots*ac.kv*ac.d, 1)
+				hist2 := p.randF32(slots*ac.kv*ac.d, 1)
+				if kvdt == kernels.BF16 { // the CPU holds the bf16-rounded values in f32
+					for i := range hist {
+						hist[i] = math.Float32frombits(math.Float32bits(hist[i]) &^ 0xffff)
+						hist2[i] = math.Float32frombits(math.Float32bits(hist2[i]) &^ 0xffff)
+					}
+				}
+				kc := p.upload(kernels.F32, f32Bytes(hist), slots, ac.kv, ac.d)
+				vc := p.upload(kernels.F32, f32Bytes(hist2), slots, ac.kv, ac.d)
+				gk, gv := kc.g, vc.g
+				if kvdt == kernels.BF16 {
+					gk = bf16Tensor(t, p.gpu, hist, slots, ac.kv, ac.d)
+					gv = bf16Tensor(t, p.gpu, hist2, slots, ac.kv, ac.d)
+				}
+				ccache := &kernels.KVCache{K: kc.c, V: vc.c, BlockSize: bs, KVHeads: ac.kv, HeadDim: ac.d}
+				gcache := &kernels.KVCache{K: gk, V: gv, BlockSize: bs, KVHeads: ac.kv, HeadDim: ac.d}
+				q, k, v := p.f32(1, T, ac.heads*ac.d), p.f32(1, T, ac.kv*ac.d), p.f32(1, T, ac.kv*ac.d)
+				var qn, kn twin
+				if ac.qknorm {
+					qn, kn = p.f32(1, ac.d), p.f32(1, ac.d)
+				}
+				cm, err := p.cpu.UploadBatch(batch)
+				must(t, "batch", err)
+				gm, err := p.gpu.UploadBatch(batch)
+				must(t, "batch", err)
+				rope := kernels.RopeParams{Heads: ac.heads, HeadDim: ac.d, RotaryDim: ac.rot, Theta: 1e6}
+				must(t, "qk-norm-rope-kv",
+					p.cpu.QKNormRopeKV(q.c, k.c, v.c, qn.c, kn.c, 1e-5, rope, ac.kv, ccache, cm),
+					p.gpu.QKNormRopeKV(q.g, k.g, v.g, qn.g, kn.g, 1e-5, rope, ac.kv, gcache, gm))
+				p.check("rotated q", q, 2e-6)
+				p.check("rotated k", k, 2e-6)
+				tol := 2e-5
+				if kvdt == kernels.BF16 {
+					tol = 1e-2 // this step's k/v are rounded to bf16 in the cache
+				} else {
+					p.check("k cache", twin{kc.c, gk}, 2e-6)
+				}
+				out := p.poisoned(T, ac.heads*ac.d)
+				ap := kernels.AttentionParams{Heads: ac.heads, KVHeads: ac.kv, HeadDim: ac.d, Scale: float32(1 / math.Sqrt(float64(ac.d)))}
+				must(t, "attention", p.cpu.Attention(out.c, q.c, ccache, ap, cm), p.gpu.Attention(out.g, q.g, gcache, ap, gm))
+				p.check("attention", out, tol)
+			})
+		}
+	}
+}
+
+func bf16Tensor(t *testing.T, b *Backend, v []float32, shape ...int) *kernels.Tensor {
+	t.Helper()
+	raw := make([]byte, 2*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint16(raw[2*i:], uint16(math.Float32bits(x)>>16))
+	}
+	x, err := b.NewTensor(kernels.BF16, shape...)
+	must(t, "bf16 tensor", err)
+	must(t, "bf16 upload", b.Upload(x, raw))
+	return x
+}
+
+func TestAllocatorReuses(t *testing.T) {
+	b := gpu(t)
+	x, err := b.NewTensor(kernels.F32, 1000)
+	must(t, "alloc", err)
+	p := x.Impl.(*buf).ptr
+	b.Free(x)
+	y, err := b.NewTensor(kernels.F32, 999)
+	must(t, "alloc", err)
+	if y.Impl.(*buf).ptr != p {
+		t.Fatalf("freed block not reused")
+	}
+	b.Free(y)
+}
+
+// TestLinearLargeActivations: the e4m3 tensor-core path carries activations
+// in f16 planes scaled by a power of two; values far beyond f16's range must
+// still come out right.
+func TestLinearLargeActivations(t *testing.T) {
+	p := newPair(t)
+	for _, scale := range []float32{1e-3, 3e5} {
+		w := p.weight(kernels.F8E4M3, kernels.ScalePerChannel, [2]int{}, 200, 256)
+		x := p.f32(scale, 3, 256)
+		out := p.poisoned(3, 200)
+		must(t, "linear", p.cpu.Linear(out.c, x.c, w.c, nil), p.gpu.Linear(out.g, x.g, w.g, nil))
+		p.check(fmt.Sprintf("linear with |x| ~ %g", scale), out, 5e-5)
+	}
+}

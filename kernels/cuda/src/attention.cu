@@ -1,0 +1,411 @@
+// Paged attention, split over the context (flash-decoding). Compiled per
+// (ATT_G q heads per kv head, ATT_D head dim, KV_BF16 cache type).
+// Grid (kvheads, tokens, splits), 128 threads: each warp takes 32 positions at
+// a time (one per lane for the scores, then all lanes over the head dims for
+// V), keeps an online softmax per q head, and the 4 warps merge at the end.
+// With one split the block writes the normalised output; otherwise partial
+// (max, sum, acc) go to attention_combine. Scores are in log2 units: the
+// host folds log2(e) into the scale and the kernels use exp2.
+#ifndef ATT_G
+#define ATT_G 1
+#endif
+#ifndef ATT_D
+#define ATT_D 64
+#endif
+#if KV_BF16
+typedef bf16_t kv_t;
+#else
+typedef float kv_t;
+#endif
+#define AW 4
+#define DPL (ATT_D / 32)
+
+__device__ __forceinline__ void load_row8(const kv_t* p, float* out) {
+#if KV_BF16
+    uint4 u = *(const uint4*)p;
+    unsigned x[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = __uint_as_float(x[i] << 16);
+        out[2 * i + 1] = __uint_as_float(x[i] & 0xffff0000u);
+    }
+#else
+    float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w; out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+#endif
+}
+
+__device__ __forceinline__ float kv_at(const kv_t* p, int i) {
+#if KV_BF16
+    return bf2f(p[i]);
+#else
+    return p[i];
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_split(
+    float* out, float* part_acc, float* part_ml, const float* q, const kv_t* kc, const kv_t* vc, const int* seq_index,
+    const int* positions, const int* tables, int table_stride, int block_size, int heads, int kvheads, float scale,
+    int split_len, int nsplit) {
+    extern __shared__ float smem[];
+    float* sq = smem;                            // [G][D]
+    float* sp = sq + ATT_G * ATT_D;              // [AW][G][32]
+    float* sacc = sp + AW * ATT_G * 32;          // [AW][G][D]
+    float* sml = sacc + AW * ATT_G * ATT_D;      // [AW][G][2]
+    int g = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int n = positions[t] + 1;
+    int start = split * split_len, end = min(n, start + split_len);
+    const int* table = tables + (long)seq_index[t] * table_stride;
+    long kvstride = (long)kvheads * ATT_D;
+    for (int i = threadIdx.x; i < ATT_G * ATT_D; i += blockDim.x)
+        sq[i] = q[((long)t * heads + g * ATT_G) * ATT_D + i] * scale;
+    __syncthreads();
+
+    float m[ATT_G], l[ATT_G], acc[ATT_G][DPL];
+#pragma unroll
+    for (int h = 0; h < ATT_G; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[h][i] = 0.f;
+    }
+    float* mysp = sp + warp * ATT_G * 32;
+    for (int base = start + warp * 32; base < end; base += AW * 32) {
+        int p = base + lane;
+        float s[ATT_G];
+        if (p < end) {
+            long slot = (long)table[p / block_size] * block_size + p % block_size;
+            const kv_t* kr = kc + slot * kvstride + (long)g * ATT_D;
+#pragma unroll
+            for (int h = 0; h < ATT_G; h++) s[h] = 0.f;
+            if ((ATT_D & 7) == 0) {
+#pragma unroll 4
+                for (int d = 0; d < ATT_D; d += 8) {
+                    float kv[8];
+                    load_row8(kr + d, kv);
+#pragma unroll
+                    for (int h = 0; h < ATT_G; h++) {
+                        const float* qh = sq + h * ATT_D + d;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) s[h] = fmaf(qh[i], kv[i], s[h]);
+                    }
+                }
+            } else {
+                for (int d = 0; d < ATT_D; d++) {
+                    float kv = kv_at(kr, d);
+#pragma unroll
+                    for (int h = 0; h < ATT_G; h++) s[h] = fmaf(sq[h * ATT_D + d], kv, s[h]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int h = 0; h < ATT_G; h++) s[h] = -INFINITY;
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_G; h++) {
+            float mt = warp_max(s[h]);
+            float mn = fmaxf(m[h], mt);
+            float corr = exp2f(m[h] - mn);
+            float e = exp2f(s[h] - mn);
+            l[h] = l[h] * corr + warp_sum(e);
+            m[h] = mn;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) acc[h][i] *= corr;
+            mysp[h * 32 + lane] = e;
+        }
+        __syncwarp();
+        int cnt = min(32, end - base);
+        for (int j = 0; j < cnt; j++) {
+            int pj = base + j;
+            long slot = (long)table[pj / block_size] * block_size + pj % block_size;
+            const kv_t* vr = vc + slot * kvstride + (long)g * ATT_D + lane * DPL;
+            float v[DPL];
+#pragma unroll
+            for (int i = 0; i < DPL; i++) v[i] = kv_at(vr, i);
+#pragma unroll
+            for (int h = 0; h < ATT_G; h++) {
+                float e = mysp[h * 32 + j];
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[h][i] = fmaf(e, v[i], acc[h][i]);
+            }
+        }
+        __syncwarp();
+    }
+    // Merge the warps.
+#pragma unroll
+    for (int h = 0; h < ATT_G; h++) {
+#pragma unroll
+        for (int i = 0; i < DPL; i++) sacc[(warp * ATT_G + h) * ATT_D + lane * DPL + i] = acc[h][i];
+        if (lane == 0) {
+            sml[(warp * ATT_G + h) * 2] = m[h];
+            sml[(warp * ATT_G + h) * 2 + 1] = l[h];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < ATT_G * ATT_D; idx += blockDim.x) {
+        int h = idx / ATT_D, d = idx % ATT_D;
+        float M = -INFINITY;
+        for (int w = 0; w < AW; w++) M = fmaxf(M, sml[(w * ATT_G + h) * 2]);
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY) {
+            for (int w = 0; w < AW; w++) {
+                float mw = sml[(w * ATT_G + h) * 2];
+                if (mw == -INFINITY) continue;
+                float c = exp2f(mw - M);
+                L += sml[(w * ATT_G + h) * 2 + 1] * c;
+                A += sacc[(w * ATT_G + h) * ATT_D + d] * c;
+            }
+        }
+        long qh = (long)t * heads + g * ATT_G + h;
+        if (nsplit == 1) {
+            out[qh * ATT_D + d] = L > 0.f ? A / L : 0.f;
+        } else {
+            part_acc[(qh * nsplit + split) * ATT_D + d] = A;
+            if (d == 0) {
+                part_ml[(qh * nsplit + split) * 2] = M;
+                part_ml[(qh * nsplit + split) * 2 + 1] = L;
+            }
+        }
+    }
+}
+
+// attention_combine: grid (heads, tokens), ATT_D threads.
+extern "C" __global__ void attention_combine(float* out, const float* part_acc, const float* part_ml, int heads,
+                                             int nsplit) {
+    long qh = (long)blockIdx.y * heads + blockIdx.x;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, part_ml[(qh * nsplit + s) * 2]);
+    for (int d = threadIdx.x; d < ATT_D; d += blockDim.x) {
+        float L = 0.f, A = 0.f;
+        for (int s = 0; s < nsplit; s++) {
+            float ms = part_ml[(qh * nsplit + s) * 2];
+            if (ms == -INFINITY) continue;
+            float c = exp2f(ms - M);
+            L += part_ml[(qh * nsplit + s) * 2 + 1] * c;
+            A += part_acc[(qh * nsplit + s) * ATT_D + d] * c;
+        }
+        out[qh * ATT_D + d] = L > 0.f ? A / L : 0.f;
+    }
+}
+
+#if KV_BF16 && ATT_D <= 128
+// attention_mma: the same split attention on the tensor cores, for bf16
+// caches and up to 16 q heads per kv head. One warp takes 16 positions at a
+// time: S = Q·Kᵀ as 16 (heads, zero-padded) × 16 positions with
+// mma.m16n8k16 (bf16 in, f32 accumulate), an online softmax per head, then
+// O += P·V with P straight from the S registers and V through shared memory
+// (ldmatrix.trans). The head dims are permuted consistently in Q and K so
+// that every lane loads K with 16-byte loads.
+#define MMA_ROWSTRIDE (ATT_D + 8) // bf16 elements per staged V row (16 B pad: no bank conflicts)
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_mma(
+    float* out, float* part_acc, float* part_ml, const float* q, const bf16_t* kc, const bf16_t* vc,
+    const int* seq_index, const int* positions, const int* tables, int table_stride, int block_size, int heads,
+    int kvheads, int G, float scale, int split_len, int nsplit, const int* tiles) {
+    // Two row layouts of the 16-row mma tile. Decode (tiles == 0): the rows
+    // are the G q heads of kv head blockIdx.x for token blockIdx.y. Prefill:
+    // the rows are up to 16 consecutive tokens of one sequence (tile
+    // blockIdx.y) for q head blockIdx.x, with a causal mask per row, so each
+    // K/V tile is read once for 16 queries.
+    const int KK = ATT_D / 32, NT = ATT_D / 8;
+    const int STAGE = AW * 16 * MMA_ROWSTRIDE * 2, MERGE = AW * 16 * ATT_D * 4 + AW * 16 * 2 * 4;
+    __shared__ __align__(16) unsigned char smem[STAGE > MERGE ? STAGE : MERGE];
+    int split = blockIdx.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, c = lane & 3;
+    bool pf = tiles != 0;
+    int g, t, first = 0, rows, head = 0;
+    if (pf) {
+        head = blockIdx.x;
+        g = head / G;
+        first = tiles[2 * blockIdx.y];
+        rows = tiles[2 * blockIdx.y + 1];
+        t = first + rows - 1; // the tile's last token: the longest causal prefix
+    } else {
+        g = blockIdx.x;
+        t = blockIdx.y;
+        rows = G;
+    }
+    int n = positions[t] + 1;
+    int start = split * split_len, end = min(n, start + split_len);
+    const int* table = tables + (long)seq_index[t] * table_stride;
+    long kvstride = (long)kvheads * ATT_D;
+    // Each lane's two rows (gr, gr+8): their last visible key position.
+    int rp0 = pf ? positions[first + min(gr, rows - 1)] : n - 1;
+    int rp1 = pf ? positions[first + min(gr + 8, rows - 1)] : n - 1;
+
+    // Q as A fragments (rows ≥ rows are zero).
+    unsigned qa[KK][2][4];
+    {
+        bool r0 = gr < rows, r1 = gr + 8 < rows;
+        const float* q0 = pf ? q + ((long)(first + min(gr, rows - 1)) * heads + head) * ATT_D
+                             : q + ((long)t * heads + g * G + gr) * ATT_D;
+        const float* q1 = pf ? q + ((long)(first + min(gr + 8, rows - 1)) * heads + head) * ATT_D : q0 + 8L * ATT_D;
+#pragma unroll
+        for (int kk = 0; kk < KK; kk++) {
+            float x0[8], x1[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                x0[i] = r0 ? q0[32 * kk + 8 * c + i] * scale : 0.f;
+                x1[i] = r1 ? q1[32 * kk + 8 * c + i] * scale : 0.f;
+            }
+            qa[kk][0][0] = pack_bf16(x0[0], x0[1]);
+            qa[kk][0][1] = pack_bf16(x1[0], x1[1]);
+            qa[kk][0][2] = pack_bf16(x0[2], x0[3]);
+            qa[kk][0][3] = pack_bf16(x1[2], x1[3]);
+            qa[kk][1][0] = pack_bf16(x0[4], x0[5]);
+            qa[kk][1][1] = pack_bf16(x1[4], x1[5]);
+            qa[kk][1][2] = pack_bf16(x0[6], x0[7]);
+            qa[kk][1][3] = pack_bf16(x1[6], x1[7]);
+        }
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    bf16_t* sv = (bf16_t*)smem + warp * 16 * MMA_ROWSTRIDE;
+    unsigned sv_addr;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(sv_addr) : "l"(sv));
+
+    for (int base = start + warp * 16; base < end; base += AW * 16) {
+        // Stage this tile's V rows (clamped to the last valid position).
+        for (int i = lane; i < 16 * (ATT_D / 8); i += 32) {
+            int row = i / (ATT_D / 8), col = i % (ATT_D / 8);
+            int p = min(base + row, end - 1);
+            long slot = (long)table[p / block_size] * block_size + p % block_size;
+            *(uint4*)(sv + row * MMA_ROWSTRIDE + col * 8) = *(const uint4*)(vc + slot * kvstride + (long)g * ATT_D + col * 8);
+        }
+        float s[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            s[h][0] = s[h][1] = s[h][2] = s[h][3] = 0.f;
+            int p = min(base + h * 8 + gr, end - 1);
+            long slot = (long)table[p / block_size] * block_size + p % block_size;
+            const bf16_t* kr = kc + slot * kvstride + (long)g * ATT_D + 8 * c;
+#pragma unroll
+            for (int kk = 0; kk < KK; kk++) {
+                uint4 kv = *(const uint4*)(kr + 32 * kk);
+                mma16816(s[h], qa[kk][0], kv.x, kv.y);
+                mma16816(s[h], qa[kk][1], kv.z, kv.w);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int p = base + h * 8 + 2 * c + j;
+                if (p >= end || p > rp0) s[h][j] = -INFINITY;
+                if (p >= end || p > rp1) s[h][j + 2] = -INFINITY;
+                mx0 = fmaxf(mx0, s[h][j]);
+                mx1 = fmaxf(mx1, s[h][j + 2]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // A row may have seen no visible key yet (causal prefill rows in a
+        // later warp's tile): keep its state at zero instead of NaN.
+        float z0 = mn0 == -INFINITY ? 0.f : mn0, z1 = mn1 == -INFINITY ? 0.f : mn1;
+        float c0 = exp2f(m0 - z0), c1 = exp2f(m1 - z1);
+        m0 = mn0;
+        m1 = mn1;
+        float e[2][4];
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                e[h][j] = exp2f(s[h][j] - z0);
+                e[h][j + 2] = exp2f(s[h][j + 2] - z1);
+                sum0 += e[h][j];
+                sum1 += e[h][j + 2];
+            }
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+            o[i][0] *= c0;
+            o[i][1] *= c0;
+            o[i][2] *= c1;
+            o[i][3] *= c1;
+        }
+        unsigned pa[4] = {pack_bf16(e[0][0], e[0][1]), pack_bf16(e[0][2], e[0][3]), pack_bf16(e[1][0], e[1][1]),
+                          pack_bf16(e[1][2], e[1][3])};
+        __syncwarp();
+        int mi = lane >> 3, r = lane & 7;
+        unsigned row_addr = sv_addr + (unsigned)(((r + (mi & 1) * 8) * MMA_ROWSTRIDE + (mi >> 1) * 8) * 2);
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            unsigned b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(row_addr + np * 32));
+            mma16816(o[2 * np], pa, b0, b1);
+            mma16816(o[2 * np + 1], pa, b2, b3);
+        }
+        __syncwarp();
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    __syncthreads(); // the staging area becomes the merge area
+    float* sacc = (float*)smem;                 // [AW][16][D]
+    float* sml = sacc + AW * 16 * ATT_D;        // [AW][16][2]
+#pragma unroll
+    for (int i = 0; i < NT; i++) {
+        int d = i * 8 + 2 * c;
+        sacc[(warp * 16 + gr) * ATT_D + d] = o[i][0];
+        sacc[(warp * 16 + gr) * ATT_D + d + 1] = o[i][1];
+        sacc[(warp * 16 + gr + 8) * ATT_D + d] = o[i][2];
+        sacc[(warp * 16 + gr + 8) * ATT_D + d + 1] = o[i][3];
+    }
+    if (c == 0) {
+        sml[(warp * 16 + gr) * 2] = m0;
+        sml[(warp * 16 + gr) * 2 + 1] = l0;
+        sml[(warp * 16 + gr + 8) * 2] = m1;
+        sml[(warp * 16 + gr + 8) * 2 + 1] = l1;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * ATT_D; idx += blockDim.x) {
+        int h = idx / ATT_D, d = idx % ATT_D;
+        float M = -INFINITY;
+        for (int w = 0; w < AW; w++) M = fmaxf(M, sml[(w * 16 + h) * 2]);
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY) {
+            for (int w = 0; w < AW; w++) {
+                float mw = sml[(w * 16 + h) * 2];
+                if (mw == -INFINITY) continue;
+                float cw = exp2f(mw - M);
+                L += sml[(w * 16 + h) * 2 + 1] * cw;
+                A += sacc[(w * 16 + h) * ATT_D + d] * cw;
+            }
+        }
+        long qh = pf ? (long)(first + h) * heads + head : (long)t * heads + g * G + h;
+        if (nsplit == 1) {
+            out[qh * ATT_D + d] = L > 0.f ? A / L : 0.f;
+        } else {
+            part_acc[(qh * nsplit + split) * ATT_D + d] = A;
+            if (d == 0) {
+                part_ml[(qh * nsplit + split) * 2] = M;
+                part_ml[(qh * nsplit + split) * 2 + 1] = L;
+            }
+        }
+    }
+}
+#endif
