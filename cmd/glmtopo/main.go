@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/glmtopo/glmtopo/bench"
+	"github.com/glmtopo/glmtopo/bench/step"
 	"github.com/glmtopo/glmtopo/node"
 )
 
@@ -37,6 +38,7 @@ func commands() map[string]command {
 		"status":           {"show a daemon's cluster: members, health, plan epoch", node.RunStatus},
 		"serve":            {"serve the OpenAI-compatible API (chat, completions, tools, reasoning)", runServe},
 		"bench serve":      {"benchmark an OpenAI-compatible server like vllm bench serve", bench.RunServe},
+		"bench step":       {"time prefill and decode steps on a GPU against the HBM and GEMM roofline", step.Run},
 		"plan":             {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
 		"version":          {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
 	}
