@@ -109,125 +109,19 @@ type loader struct {
 }
 
 func (l *loader) load(sel Selection) (*Weights, error) {
-	c := l.cfg
 	l.specs = map[string]TensorSpec{}
-	want := func(t TensorSpec) bool {
-		switch {
-		case t.Layer < 0:
-			return (t.Role == RoleEmbedding && (sel.Embedding || sel.MTP)) ||
-				((t.Role == RoleFinalNorm || t.Role == RoleLMHead) && sel.LMHead)
-		case t.Layer >= c.NumHiddenLayers:
-			return sel.MTP && (t.Expert < 0 || sel.Expert == nil || sel.Expert(t.Layer, t.Expert))
-		case t.Layer < sel.FirstLayer || t.Layer >= sel.EndLayer:
-			return false
-		}
-		return t.Expert < 0 || sel.Expert == nil || sel.Expert(t.Layer, t.Expert)
-	}
-	for _, t := range c.Tensors() {
-		if want(t) {
+	for _, t := range l.cfg.Tensors() {
+		if sel.Includes(l.cfg, t) {
 			l.specs[t.Name] = t
 			l.total += t.Bytes()
 		}
 	}
-	w := &Weights{Config: c, Selection: sel, Bytes: l.total}
-	var err error
-	if sel.Embedding || sel.MTP {
-		if w.Embed, err = l.tensor("model.embed_tokens.weight"); err != nil {
-			return nil, err
-		}
+	w, err := Assemble(l.cfg, sel, l)
+	if err != nil {
+		return nil, err
 	}
-	if sel.LMHead {
-		if w.FinalNorm, err = l.tensor("model.norm.weight"); err != nil {
-			return nil, err
-		}
-		if w.LMHead, err = l.linear("lm_head"); err != nil {
-			return nil, err
-		}
-	}
-	for i := sel.FirstLayer; i < sel.EndLayer; i++ {
-		lw, err := l.layer(i, sel)
-		if err != nil {
-			return nil, err
-		}
-		w.Layers = append(w.Layers, lw)
-	}
-	if sel.MTP {
-		if w.MTP, err = l.layer(c.NumHiddenLayers, sel); err != nil {
-			return nil, err
-		}
-	}
+	w.Bytes = l.total
 	return w, nil
-}
-
-func (l *loader) layer(i int, sel Selection) (*LayerWeights, error) {
-	c := l.cfg
-	p := fmt.Sprintf("model.layers.%d.", i)
-	lw := &LayerWeights{Index: i, Kind: c.LayerKind(i)}
-	var errs []error
-	get := func(dst **kernels.Tensor, name string) {
-		t, err := l.tensor(p + name)
-		errs = append(errs, err)
-		*dst = t
-	}
-	lin := func(dst **kernels.Tensor, module string) {
-		t, err := l.linear(p + module)
-		errs = append(errs, err)
-		*dst = t
-	}
-	get(&lw.InputNorm, "input_layernorm.weight")
-	get(&lw.PostNorm, "post_attention_layernorm.weight")
-	lin(&lw.Q, "self_attn.q_proj")
-	lin(&lw.K, "self_attn.k_proj")
-	lin(&lw.V, "self_attn.v_proj")
-	lin(&lw.O, "self_attn.o_proj")
-	if c.AttentionBias {
-		get(&lw.QBias, "self_attn.q_proj.bias")
-		get(&lw.KBias, "self_attn.k_proj.bias")
-		get(&lw.VBias, "self_attn.v_proj.bias")
-	}
-	if c.UseQKNorm {
-		get(&lw.QNorm, "self_attn.q_norm.weight")
-		get(&lw.KNorm, "self_attn.k_norm.weight")
-	}
-	if lw.Kind == LayerDense {
-		lin(&lw.Gate, "mlp.gate_proj")
-		lin(&lw.Up, "mlp.up_proj")
-		lin(&lw.Down, "mlp.down_proj")
-	} else {
-		get(&lw.Router, "mlp.gate.weight")
-		get(&lw.RouterBias, "mlp.gate.e_score_correction_bias")
-		lw.Experts = make([]*kernels.Expert, c.NRoutedExperts)
-		for e := range lw.Experts {
-			if sel.Expert != nil && !sel.Expert(i, e) {
-				continue
-			}
-			ex := &kernels.Expert{}
-			ep := fmt.Sprintf("mlp.experts.%d.", e)
-			lin(&ex.Gate, ep+"gate_proj")
-			lin(&ex.Up, ep+"up_proj")
-			lin(&ex.Down, ep+"down_proj")
-			lw.Experts[e] = ex
-		}
-		if c.NSharedExperts > 0 {
-			lin(&lw.SharedGate, "mlp.shared_experts.gate_proj")
-			lin(&lw.SharedUp, "mlp.shared_experts.up_proj")
-			lin(&lw.SharedDown, "mlp.shared_experts.down_proj")
-		}
-	}
-	if lw.Kind == LayerMTP {
-		get(&lw.Embed, "embed_tokens.weight")
-		get(&lw.ENorm, "enorm.weight")
-		get(&lw.HNorm, "hnorm.weight")
-		lin(&lw.EHProj, "eh_proj")
-		get(&lw.HeadNorm, "shared_head.norm.weight")
-		lin(&lw.Head, "shared_head.head")
-	}
-	for _, err := range errs {
-		if err != nil {
-			return nil, err
-		}
-	}
-	return lw, nil
 }
 
 // spec returns the expected spec of a tensor the selection includes.
@@ -276,8 +170,8 @@ func quantHint(s TensorSpec) string {
 	return ""
 }
 
-// tensor loads a non-linear tensor (norms, biases, embeddings, router).
-func (l *loader) tensor(name string) (*kernels.Tensor, error) {
+// Tensor loads a non-linear tensor (norms, biases, embeddings, router).
+func (l *loader) Tensor(name string) (*kernels.Tensor, error) {
 	s, err := l.spec(name)
 	if err != nil {
 		return nil, err
@@ -319,8 +213,8 @@ func (l *loader) upload(t safetensors.Tensor) (*kernels.Tensor, error) {
 	return kt, nil
 }
 
-// linear loads module.weight and, when FP8, its scale.
-func (l *loader) linear(module string) (*kernels.Tensor, error) {
+// Linear loads module.weight and, when FP8, its scale.
+func (l *loader) Linear(module string) (*kernels.Tensor, error) {
 	s, err := l.spec(module + ".weight")
 	if err != nil {
 		return nil, err
