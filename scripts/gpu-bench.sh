@@ -18,7 +18,7 @@ try:
     r = json.load(open(sys.argv[1]))
 except Exception as e:
     print("  (no report:", e, ")"); sys.exit(0)
-print(f"  {r['device']}: HBM read {r['hbm_read_bytes_per_s']/1e9:.0f} GB/s, GEMM {r['gemm_bf16_flop_per_s']/1e12:.0f} TFLOP/s, weights {r['weight_bytes']/2**30:.1f} GiB, wide GEMM {r['wide_gemm']}")
+print(f"  {r['device']}: HBM read {r['hbm_read_bytes_per_s']/1e9:.0f} GB/s, GEMM {r['gemm_bf16_flop_per_s']/1e12:.0f} TFLOP/s, weights {r['weight_bytes']/2**30:.1f} GiB, wide GEMM {r['wide_gemm']}, prefill attention {r.get('prefill_attention', '?')}")
 for x in r['results']:
     fl = max(x['bytes_floor_s'], x['flops_floor_s'])
     print(f"  {x['phase']:8s} B={x['batch']:3d} ctx={x['context']:5d} T={x['tokens']:5d} eager {x['eager_step_s']*1e3:9.3f} ms graph {x.get('graph_step_s',0)*1e3:9.3f} ms wall {x['wall_s']*1e3:9.3f} ms floor {fl*1e3:8.3f} ms ({x['floor_bytes']/1e9:.2f} GB, {x['flops']/1e12:.2f} TFLOP) -> {100*x['efficiency']:5.1f}% experts/layer {x['distinct_experts_per_moe_layer']:.1f}")

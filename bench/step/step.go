@@ -33,7 +33,8 @@ type Options struct {
 	Device     int
 	BlockSize  int
 	KVDType    string
-	FastGemm   bool
+	FastGemm   bool // bf16 activations in cuBLAS GEMMs (default: hi+lo halves)
+	NoFlash    bool // per-q-head prefill attention instead of attention_flash
 	LoadFormat string
 	Profile    bool
 	Graph      bool
@@ -50,6 +51,7 @@ type Report struct {
 	GemmFLOPS     float64  `json:"gemm_bf16_flop_per_s"`
 	KVDType       string   `json:"kv_dtype"`
 	WideGemm      string   `json:"wide_gemm"`
+	PrefillAttn   string   `json:"prefill_attention"`
 	Results       []Result `json:"results"`
 	CommandLine   string   `json:"command_line"`
 	ElapsedSecond float64  `json:"elapsed_s"`
@@ -108,6 +110,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&o.BlockSize, "block-size", 16, "KV cache block size (tokens)")
 	fs.StringVar(&o.KVDType, "kv-cache-dtype", "bf16", "KV cache dtype: bf16 or f32")
 	fs.BoolVar(&o.FastGemm, "fast-gemm", false, "round activations to bf16 once in cuBLAS GEMMs (default: two bf16 halves, ~f32 accuracy)")
+	fs.BoolVar(&o.NoFlash, "no-flash-attention", false, "run bf16-cache prefill attention per q head (the kernel before attention_flash)")
 	fs.StringVar(&o.LoadFormat, "load-format", "dummy", "weights: dummy (random, made on the GPU)")
 	fs.BoolVar(&o.Profile, "profile", false, "also time every operation of one step of each phase (to stderr)")
 	fs.BoolVar(&o.Graph, "cuda-graph", true, "also time decode steps replayed from a captured CUDA graph")
@@ -215,16 +218,19 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	be, err := cuda.New(cuda.Options{Device: o.Device, FastWideGemm: o.FastGemm})
+	be, err := cuda.New(cuda.Options{Device: o.Device, FastWideGemm: o.FastGemm, NoFlashAttention: o.NoFlash})
 	if err != nil {
 		return nil, err
 	}
 	defer be.Close()
 	b := &bench{o: o, be: be, cfg: cfg, rng: rand.New(rand.NewPCG(1, 2)), log: log}
 	rep := &Report{Device: be.DeviceName(), Model: o.Model, Layers: cfg.NumHiddenLayers, Dense: cfg.FirstKDenseReplace,
-		KVDType: o.KVDType, WideGemm: "bf16x2 (hi+lo split)"}
+		KVDType: o.KVDType, WideGemm: "bf16x2 (hi+lo split)", PrefillAttn: "flash (per GQA group)"}
 	if o.FastGemm {
 		rep.WideGemm = "bf16"
+	}
+	if o.NoFlash {
+		rep.PrefillAttn = "per q head"
 	}
 	fmt.Fprintf(log, "bench step: measuring HBM read bandwidth and GEMM throughput on %s\n", be.DeviceName())
 	if rep.ReadBW, err = be.ReadBandwidth(4<<30, 10); err != nil {

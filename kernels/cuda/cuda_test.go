@@ -42,9 +42,9 @@ func TestSizeClass(t *testing.T) {
 }
 
 // gpu opens device 0 or skips the test when there is no CUDA.
-func gpu(t testing.TB) *Backend {
+func gpu(t testing.TB, opt Options) *Backend {
 	t.Helper()
-	b, err := New(Options{})
+	b, err := New(opt)
 	if errors.Is(err, ErrNoCUDA) {
 		t.Skipf("no CUDA: %v", err)
 	}
@@ -69,8 +69,11 @@ type pairT struct {
 	rng *rand.Rand
 }
 
-func newPair(t *testing.T) *pairT {
-	return &pairT{t: t, cpu: cpu.New(2), gpu: gpu(t), rng: rand.New(rand.NewPCG(1, uint64(len(t.Name()))))}
+func newPair(t *testing.T) *pairT { return newPairOpt(t, Options{}) }
+
+// newPairOpt pairs the CPU reference with a GPU backend opened with opt.
+func newPairOpt(t *testing.T, opt Options) *pairT {
+	return &pairT{t: t, cpu: cpu.New(2), gpu: gpu(t, opt), rng: rand.New(rand.NewPCG(1, uint64(len(t.Name()))))}
 }
 
 // sub is p reporting to subtest t.

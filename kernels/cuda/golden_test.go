@@ -111,18 +111,28 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer plain.Close()
+	perHead, err := cuda.New(cuda.Options{NoFlashAttention: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer perHead.Close()
 	for _, tc := range []struct {
-		name  string
-		kv    kernels.DType
-		plain bool // CUDA-core attention and GEMV kernels
-	}{{"tiny", kernels.F32, false}, {"tiny_qknorm", kernels.F32, false}, {"tiny", kernels.BF16, false}, {"tiny_qknorm", kernels.BF16, false},
-		{"tiny_qknorm", kernels.BF16, true}, {"tiny_qknorm", kernels.F32, true}} {
+		name    string
+		kv      kernels.DType
+		plain   bool // CUDA-core attention and GEMV kernels
+		perHead bool // bf16-cache prefill on attention_mma instead of attention_flash
+	}{{"tiny", kernels.F32, false, false}, {"tiny_qknorm", kernels.F32, false, false}, {"tiny", kernels.BF16, false, false},
+		{"tiny_qknorm", kernels.BF16, false, false}, {"tiny_qknorm", kernels.BF16, true, false}, {"tiny_qknorm", kernels.F32, true, false},
+		{"tiny", kernels.BF16, false, true}, {"tiny_qknorm", kernels.BF16, false, true}} {
 		name := tc.name
 		be := gb
 		if tc.plain {
 			be = plain
 		}
-		t.Run(fmt.Sprintf("%s/kv-%v/plain-%v", name, tc.kv, tc.plain), func(t *testing.T) {
+		if tc.perHead {
+			be = perHead
+		}
+		t.Run(fmt.Sprintf("%s/kv-%v/plain-%v/per-head-%v", name, tc.kv, tc.plain, tc.perHead), func(t *testing.T) {
 			root := filepath.Join("..", "..", "testdata", "glm4moe", name)
 			g := engine(t, be, filepath.Join(root, "model"), tc.kv)
 			c := engine(t, cpu.New(2), filepath.Join(root, "model"), kernels.F32)

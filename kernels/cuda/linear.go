@@ -204,9 +204,18 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 	if err := b.launch("ops", conv, grid1(n, 1024), b256, 0, xb.ptr, xp, n); err != nil {
 		return err
 	}
-	wptr := wi.ptr
+	// FP8 weights are expanded to bf16: per-channel scales stay out (the
+	// copy holds e4m3 exactly, finish_gemm scales the columns); block scales
+	// are multiplied in, and unless FastWideGemm the rounding remainder goes
+	// to a second copy (wlo) that one more GEMM adds, so that scaled weights
+	// keep ~16 bits as on the CPU.
+	wptr, wlo := wi.ptr, uintptr(0)
 	if wi.dtype == kernels.F8E4M3 {
-		wb, err := b.pool.alloc(uintptr(2 * wi.n * wi.k))
+		halvesW := 1
+		if split && wi.mode == 2 {
+			halvesW = 2
+		}
+		wb, err := b.pool.alloc(uintptr(2 * halvesW * wi.n * wi.k))
 		if err != nil {
 			return err
 		}
@@ -216,11 +225,16 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 		if sb1 == 0 {
 			sb0, sb1 = 1, 1
 		}
-		if err := b.launch("ops", "dequant_fp8", grid1(nw, 1024), b256, 0, wb.ptr, wi.ptr, wi.scale, wi.mode, sb0, sb1,
-			int32(wi.n), int32(wi.k), int32(0)); err != nil {
-			return err
+		for h := range halvesW {
+			if err := b.launch("ops", "dequant_fp8", grid1(nw, 1024), b256, 0, wb.ptr+uintptr(2*h*wi.n*wi.k), wi.ptr, wi.scale,
+				wi.mode, sb0, sb1, int32(wi.n), int32(wi.k), int32(0), int32(h)); err != nil {
+				return err
+			}
 		}
 		wptr = wb.ptr
+		if halvesW == 2 {
+			wlo = wb.ptr + uintptr(2*wi.n*wi.k)
+		}
 	}
 	nt := int64(T * wi.n)
 	var colScale uintptr
@@ -240,6 +254,11 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 	}
 	if err := b.blas.gemmBF16(c, xb.ptr, wptr, rowsX, wi.n, wi.k); err != nil {
 		return err
+	}
+	if wlo != 0 {
+		if err := b.blas.gemmBF16Beta(c, xb.ptr, wlo, rowsX, wi.n, wi.k, 1); err != nil {
+			return err
+		}
 	}
 	if !split && colScale == 0 && bp == 0 {
 		return nil

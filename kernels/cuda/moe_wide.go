@@ -2,6 +2,8 @@ package cuda
 
 import (
 	"fmt"
+	"runtime"
+	"slices"
 	"unsafe"
 
 	"github.com/glmtopo/glmtopo/kernels"
@@ -11,10 +13,17 @@ const padRows = 128
 
 func padded(n int) int { return (n + padRows - 1) / padRows * padRows }
 
+// fp8ExpertsPerBatch bounds how many FP8 experts are expanded to bf16 at a
+// time for the batched GEMMs (scratch: that many copies of gate, up or down).
+const fp8ExpertsPerBatch = 16
+
 // moeWide runs the routed experts of a wide batch (prefill) on cuBLAS: the
 // plan is read back (one synchronisation), token rows are gathered per
-// expert as bf16 (hi+lo halves unless FastWideGemm), and each active expert
-// runs three GEMMs; SwiGLU and the weighted combine are single kernels.
+// expert as bf16 (hi+lo halves unless FastWideGemm) into ranges padded to
+// 128 rows, and the experts' GEMMs run as batched calls, one per padded row
+// count (gate and up together), so that the many small GEMMs fill the GPU
+// instead of running one after another. SwiGLU and the weighted combine are
+// single kernels.
 func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H int) error {
 	A, I := T*k, tab.inter
 	split := 1
@@ -22,34 +31,18 @@ func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H i
 		split = 0
 	}
 	rowsF := 1 + split // GEMM rows per slot
-	ints := (E + 2) + E + 3*A
-	intBytes := uintptr((4*ints + 255) &^ 255)
-	// GEMM row counts are padded to a multiple of padRows so that cuBLAS sees
-	// a handful of shapes per layer: its per-call heuristics otherwise made
-	// issuing the expert GEMMs take longer than running them (host-bound,
-	// measured on H200). The padding rows compute garbage that the next
-	// expert's GEMM overwrites in stream order, or that lands in the slack.
-	rowsCap := rowsF*A + padRows
-	sz := []uintptr{intBytes, uintptr(2 * rowsCap * H), uintptr(4 * rowsCap * I), uintptr(4 * rowsCap * I),
-		uintptr(2 * rowsCap * I), uintptr(4 * rowsCap * H), uintptr(2 * max(I*H, H*I))}
-	var total uintptr
-	off := make([]uintptr, len(sz))
-	for i, s := range sz {
-		off[i] = total
-		total += (s + 255) &^ 255
-	}
-	scratch, err := b.pool.alloc(total)
+	ints := (E + 2) + E + 3*A + E
+	intBuf, err := b.pool.alloc(uintptr((4*ints + 255) &^ 255))
 	if err != nil {
 		return err
 	}
-	defer b.pool.put(scratch)
-	base := scratch.ptr
-	offsets := base
+	defer b.pool.put(intBuf)
+	offsets := intBuf.ptr
 	active := offsets + uintptr(4*(E+2))
 	slotOf := active + uintptr(4*E)
 	perm := slotOf + uintptr(4*A)
 	expertOf := perm + uintptr(4*A)
-	xg, cg, cu, hg, cy, wdq := base+off[1], base+off[2], base+off[3], base+off[4], base+off[5], base+off[6]
+	rowbase := expertOf + uintptr(4*A)
 	if err := b.launch("ops", "moe_plan", rows(1), b1024, uint32(4*(E+1)), ip, int32(A), tab.dev.ptr, int32(E),
 		offsets, active, slotOf, perm, expertOf, b.errFlag.ptr); err != nil {
 		return err
@@ -66,56 +59,228 @@ func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H i
 		n := int64(T * H)
 		return b.launch("ops", "fill_f32", grid1(n, 1024), b256, 0, op, n, float32(0))
 	}
-	if err := b.launch("ops", "moe_gather_x", rows(slots), b256, 0, xg, xp, perm, expertOf, offsets, int32(k), int32(H), int32(split)); err != nil {
+	// Each active expert's rows get their own range padded to padRows: cuBLAS
+	// then sees a handful of shapes per layer (its per-call heuristics
+	// otherwise dominate, measured on H200), and the padding rows, which
+	// compute garbage, overlap no other expert's rows, so the GEMMs of one
+	// shape can run as one batched call.
+	base := make([]int32, E)
+	var experts []int // active experts with weights here
+	total := 0
+	for e := range E {
+		cnt := int(host[e+1] - host[e])
+		base[e] = int32(total)
+		if cnt == 0 || tab.gate == nil || tab.gate[e].ptr == 0 {
+			continue
+		}
+		experts = append(experts, e)
+		total += padded(rowsF * cnt)
+	}
+	if err := b.d.check(b.d.cuMemcpyHtoDAsync(rowbase, unsafe.Pointer(&base[0]), uintptr(4*E), b.stream), "upload moe rows"); err != nil {
 		return err
 	}
-	// weight returns a bf16 device pointer for w (an FP8 weight is expanded into wdq).
-	weight := func(w weightInfo) (uintptr, error) {
-		if w.dtype == kernels.BF16 {
-			return w.ptr, nil
+	runtime.KeepAlive(base)
+	if len(experts) == 0 {
+		return fmt.Errorf("cuda: moe: %d routed slots but no expert weights", slots)
+	}
+	fp8 := tab.gate[experts[0]].dtype == kernels.F8E4M3
+	// Per-channel scales are applied to the GEMM outputs (exact e4m3 in the
+	// bf16 copies); block scales are folded into the copies.
+	chscale := int32(0)
+	if fp8 && tab.mode == 1 {
+		chscale = 1
+	}
+	chunk := len(experts)
+	if fp8 {
+		chunk = min(chunk, max(1, b.fp8Chunk))
+	}
+	// Block-scaled FP8 weights (unless FastWideGemm) are expanded as two
+	// bf16 halves, hi at wdq and lo at wdq+loOff, each GEMM then run once per
+	// half: the scaled weights keep ~16 bits, as on the CPU.
+	wdqBytes, loOff, halvesW := 0, 0, 1
+	if fp8 {
+		wdqBytes = 2 * chunk * max(2*I*H, H*I)
+		if split == 1 && tab.mode == 2 {
+			loOff, halvesW = wdqBytes/2, 2
+			wdqBytes *= 2
 		}
-		if w.dtype != kernels.F8E4M3 {
-			return 0, fmt.Errorf("cuda: moe: %v expert weights", w.dtype)
+	}
+	// Pointer arrays: per expert 2 (gate, up) + 1 (down) problems per weight
+	// half, 3 pointers each.
+	ptrBytes := 8 * 3 * 3 * halvesW * len(experts)
+	sz := []int{2 * total * H, 4 * total * I, 4 * total * I, 2 * total * I, 4 * total * H, wdqBytes, ptrBytes}
+	var size uintptr
+	off := make([]uintptr, len(sz))
+	for i, s := range sz {
+		off[i] = size
+		size += (uintptr(s) + 255) &^ 255
+	}
+	scratch, err := b.pool.alloc(size)
+	if err != nil {
+		return err
+	}
+	defer b.pool.put(scratch)
+	p0 := scratch.ptr
+	xg, cg, cu, hg, cy, wdq, ptrs := p0+off[0], p0+off[1], p0+off[2], p0+off[3], p0+off[4], p0+off[5], p0+off[6]
+	plan := wideGemmPlan{wdq: wdq, loOff: loOff, host: make([]uint64, 0, 9*halvesW*len(experts))}
+	var gateUp, down []gemmChunk
+	for c := 0; c < len(experts); c += chunk {
+		ex := experts[c:min(c+chunk, len(experts))]
+		gu, err := plan.add(ex, host, rowsF, func(e, j int) []problem {
+			r := int(base[e])
+			return []problem{
+				{w: tab.gate[e], wdq: 2 * j * I * H, x: xg + uintptr(2*r*H), out: cg + uintptr(4*r*I)},
+				{w: tab.up[e], wdq: (2*j + 1) * I * H, x: xg + uintptr(2*r*H), out: cu + uintptr(4*r*I)},
+			}
+		})
+		if err != nil {
+			return err
 		}
+		d, err := plan.add(ex, host, rowsF, func(e, j int) []problem {
+			r := int(base[e])
+			return []problem{{w: tab.down[e], wdq: j * H * I, x: hg + uintptr(2*r*I), out: cy + uintptr(4*r*H)}}
+		})
+		if err != nil {
+			return err
+		}
+		gateUp, down = append(gateUp, gu), append(down, d)
+	}
+	// One upload for every pointer array (a copy from pageable memory waits for the stream).
+	if err := b.d.check(b.d.cuMemcpyHtoDAsync(ptrs, unsafe.Pointer(&plan.host[0]), uintptr(8*len(plan.host)), b.stream), "upload gemm pointers"); err != nil {
+		return err
+	}
+	runtime.KeepAlive(plan.host)
+	if err := b.launch("ops", "moe_gather_x", rows(slots), b256, 0, xg, xp, perm, expertOf, offsets, rowbase,
+		int32(k), int32(H), int32(split)); err != nil {
+		return err
+	}
+	for _, c := range gateUp {
+		if err := b.runGemmChunk(c, ptrs); err != nil {
+			return err
+		}
+	}
+	if err := b.launch("ops", "moe_swiglu_wide", rows(slots), b256, 0, hg, cg, cu, expertOf, offsets, rowbase,
+		tab.dev.ptr, chscale, int32(I), int32(split)); err != nil {
+		return err
+	}
+	for _, c := range down {
+		if err := b.runGemmChunk(c, ptrs); err != nil {
+			return err
+		}
+	}
+	return b.launch("ops", "moe_combine_wide", rows(T), b256, 0, op, cy, wp, slotOf, expertOf, offsets, rowbase,
+		tab.dev.ptr, chscale, int32(k), int32(H), int32(split))
+}
+
+// problem is one expert GEMM: out = x · wᵀ (an FP8 w expanded at wdq, in
+// bf16 elements from the chunk's scratch).
+type problem struct {
+	w      weightInfo
+	wdq    int
+	x, out uintptr
+	lo     bool // dequant: the rounding remainder of the scaled weights
+}
+
+// wideGemmPlan collects the batched expert GEMMs of one MoE call: their
+// pointer arrays (out, x, w per batch, in call order) in host, uploaded once.
+type wideGemmPlan struct {
+	wdq   uintptr
+	loOff int // bf16 elements from a hi copy to its lo copy; 0: no lo copies
+	host  []uint64
+}
+
+// gemmChunk is the work of one chunk of experts: FP8 weights to expand
+// (w into dst), then batched GEMMs.
+type gemmChunk struct {
+	dequant []problem // w: the FP8 weight; out: its bf16 copy
+	batches []gemmBatch
+}
+
+// gemmBatch is one batched call: count problems of m×n×k whose pointer
+// arrays start at element at of the plan's array; beta 1 accumulates.
+type gemmBatch struct {
+	m, n, k, count, at int
+	beta               float32
+}
+
+// add plans the problems of experts ex (problems(e, j) for the j-th of
+// them): one batch per padded row count.
+func (p *wideGemmPlan) add(ex []int, counts []int32, rowsF int, problems func(e, j int) []problem) (gemmChunk, error) {
+	var c gemmChunk
+	byRows := map[int][]problem{}
+	loRows := map[int][]problem{} // the same problems on the weights' lo halves
+	for j, e := range ex {
+		m := padded(rowsF * int(counts[e+1]-counts[e]))
+		for _, pr := range problems(e, j) {
+			switch pr.w.dtype {
+			case kernels.BF16:
+			case kernels.F8E4M3:
+				dst := p.wdq + uintptr(2*pr.wdq)
+				c.dequant = append(c.dequant, problem{w: pr.w, out: dst})
+				if p.loOff > 0 && pr.w.mode == 2 {
+					lo := pr
+					lo.w.ptr = dst + uintptr(2*p.loOff)
+					c.dequant = append(c.dequant, problem{w: pr.w, out: lo.w.ptr, lo: true})
+					loRows[m] = append(loRows[m], lo)
+				}
+				pr.w.ptr = dst
+			default:
+				return c, fmt.Errorf("cuda: moe: %v expert weights", pr.w.dtype)
+			}
+			byRows[m] = append(byRows[m], pr)
+		}
+	}
+	ms := make([]int, 0, len(byRows))
+	for m := range byRows {
+		ms = append(ms, m)
+	}
+	slices.Sort(ms)
+	for _, m := range ms {
+		for i, prs := range [][]problem{byRows[m], loRows[m]} {
+			if len(prs) == 0 {
+				continue
+			}
+			c.batches = append(c.batches, gemmBatch{m: m, n: prs[0].w.n, k: prs[0].w.k, count: len(prs), at: len(p.host), beta: float32(i)})
+			for _, pr := range prs {
+				p.host = append(p.host, uint64(pr.out))
+			}
+			for _, pr := range prs {
+				p.host = append(p.host, uint64(pr.x))
+			}
+			for _, pr := range prs {
+				p.host = append(p.host, uint64(pr.w.ptr))
+			}
+		}
+	}
+	return c, nil
+}
+
+// runGemmChunk expands c's FP8 weights and issues its batched GEMMs; ptrs
+// holds the plan's pointer arrays on the device.
+func (b *Backend) runGemmChunk(c gemmChunk, ptrs uintptr) error {
+	for _, d := range c.dequant {
+		w := d.w
 		sb0, sb1 := w.sb0, w.sb1
 		if sb1 == 0 {
 			sb0, sb1 = 1, 1
 		}
 		nw := int64(w.n * w.k)
-		return wdq, b.launch("ops", "dequant_fp8", grid1(nw, 1024), b256, 0, wdq, w.ptr, w.scale, w.mode, sb0, sb1,
-			int32(w.n), int32(w.k), int32(1))
-	}
-	gemm := func(out, in uintptr, w weightInfo, rowsN, row0, inK, outN int) error {
-		p, err := weight(w)
-		if err != nil {
-			return err
+		// fold 0: per-channel scales stay out of the copy (moe_swiglu_wide and
+		// moe_combine_wide apply them); block scales are always folded in.
+		lo := int32(0)
+		if d.lo {
+			lo = 1
 		}
-		return b.blas.gemmBF16(out+uintptr(4*row0*outN), in+uintptr(2*row0*inK), p, rowsN, w.n, w.k)
-	}
-	for e := 0; e < E; e++ {
-		cnt := int(host[e+1] - host[e])
-		if cnt == 0 || tab.gate == nil || tab.gate[e].ptr == 0 {
-			continue
-		}
-		row0, n := rowsF*int(host[e]), padded(rowsF*cnt)
-		if err := gemm(cg, xg, tab.gate[e], n, row0, H, I); err != nil {
-			return err
-		}
-		if err := gemm(cu, xg, tab.up[e], n, row0, H, I); err != nil {
+		if err := b.launch("ops", "dequant_fp8", grid1(nw, 1024), b256, 0, d.out, w.ptr, w.scale, w.mode, sb0, sb1,
+			int32(w.n), int32(w.k), int32(0), lo); err != nil {
 			return err
 		}
 	}
-	if err := b.launch("ops", "moe_swiglu_wide", rows(slots), b256, 0, hg, cg, cu, expertOf, offsets, int32(I), int32(split)); err != nil {
-		return err
-	}
-	for e := 0; e < E; e++ {
-		cnt := int(host[e+1] - host[e])
-		if cnt == 0 || tab.down == nil || tab.down[e].ptr == 0 {
-			continue
-		}
-		if err := gemm(cy, hg, tab.down[e], padded(rowsF*cnt), rowsF*int(host[e]), I, H); err != nil {
+	for _, g := range c.batches {
+		dev := ptrs + uintptr(8*g.at)
+		if err := b.blas.gemmBF16Batched(dev, dev+uintptr(8*g.count), dev+uintptr(16*g.count), g.m, g.n, g.k, g.count, g.beta); err != nil {
 			return err
 		}
 	}
-	return b.launch("ops", "moe_combine_wide", rows(T), b256, 0, op, cy, wp, slotOf, expertOf, offsets, int32(k), int32(H), int32(split))
+	return nil
 }

@@ -300,6 +300,18 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 		}
 		grid := [3]uint32{uint32(p.KVHeads), uint32(T), uint32(nsplit)}
 		var err error
+		if useMMA && prefill && !b.opt.NoFlashAttention {
+			// One block per 16-token tile × the g q heads of a kv head. Its
+			// own module: a compile failure there leaves the others usable.
+			fkey := fmt.Sprintf("flash_g%d_d%d", g, d)
+			if err := b.loadModule(fkey, source("common.cuh", "attention.cu", "flash.cu"),
+				[]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d), "KV_BF16=1"}); err != nil {
+				return err
+			}
+			return b.launch(fkey, "attention_flash", [3]uint32{uint32(p.KVHeads), uint32(m.nTiles), 1},
+				[3]uint32{uint32(32 * g), 1, 1}, 0, o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
+				int32(m.stride), int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), m.at(m.tileOff))
+		}
 		if useMMA && prefill {
 			// Rows are 16 tokens of one q head: K/V read once per 16 queries.
 			err = b.launch(key, "attention_mma", [3]uint32{uint32(p.Heads), uint32(m.nTiles), 1}, b128, 0,

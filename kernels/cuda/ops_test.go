@@ -60,8 +60,29 @@ func TestEmbedTwin(t *testing.T) {
 	}
 }
 
+// wideGemmModes are the two activation formats of the cuBLAS path:
+// hi+lo bf16 halves (default) and bf16 once (Options.FastWideGemm).
+var wideGemmModes = []struct {
+	name string
+	opt  Options
+}{{"exact", Options{}}, {"bf16", Options{FastWideGemm: true}}}
+
+// wideTol is the tolerance of a result that went through the cuBLAS path:
+// bf16 activations round each input to 8 bits of mantissa.
+func wideTol(p *pairT, exactTol float64) float64 {
+	if !p.gpu.opt.FastWideGemm {
+		return exactTol
+	}
+	return 1e-2
+}
+
 func TestLinearTwin(t *testing.T) {
-	p := newPair(t)
+	for _, m := range wideGemmModes {
+		t.Run(m.name, func(t *testing.T) { linearTwin(t, newPairOpt(t, m.opt)) })
+	}
+}
+
+func linearTwin(t *testing.T, p *pairT) {
 	type wcase struct {
 		name   string
 		dt     kernels.DType
@@ -89,10 +110,8 @@ func TestLinearTwin(t *testing.T) {
 				must(t, "linear", p.cpu.Linear(out.c, x.c, w.c, bias.c), p.gpu.Linear(out.g, x.g, w.g, bias.g))
 				tol := 5e-5
 				if T > p.gpu.opt.GemvMaxTokens && p.gpu.blas != nil && wc.dt != kernels.F32 && !(T <= mmaMaxTokens && K%32 == 0 && (wc.layout != kernels.ScaleBlock || wc.block[1]%32 == 0)) {
-					tol = 1e-4 // cuBLAS path: activations as two bf16 halves
-					if wc.layout == kernels.ScaleBlock {
-						tol = 5e-3 // and block-scaled weights rounded to bf16
-					}
+					// cuBLAS path: activations (and block-scaled weights) as two bf16 halves
+					tol = wideTol(p, 1e-4)
 				}
 				p.check("linear", out, tol)
 				out2 := p.poisoned(T, N)
@@ -132,7 +151,16 @@ func TestRouteTwin(t *testing.T) {
 }
 
 func TestMoETwin(t *testing.T) {
-	p := newPair(t)
+	for _, m := range wideGemmModes {
+		t.Run(m.name, func(t *testing.T) {
+			p := newPairOpt(t, m.opt)
+			p.gpu.fp8Chunk = 4 // FP8 experts expanded in several chunks
+			moeTwin(t, p)
+		})
+	}
+}
+
+func moeTwin(t *testing.T, p *pairT) {
 	type mcase struct {
 		name   string
 		dt     kernels.DType
@@ -179,11 +207,10 @@ func TestMoETwin(t *testing.T) {
 				out := p.poisoned(T, H)
 				must(t, "moe", p.cpu.MoE(out.c, x.c, ids.c, wts.c, ce), p.gpu.MoE(out.g, x.g, ids.g, wts.g, ge))
 				tol := 5e-5
-				if T*K >= 16*(E-2) { // the cuBLAS path: bf16 hi+lo activations
-					tol = 1e-4
-					if mc.dt == kernels.F8E4M3 {
-						tol = 5e-3 // and FP8 weights expanded to bf16 with their scales
-					}
+				if T*K >= 16*(E-2) {
+					// The cuBLAS path: bf16 hi+lo activations, FP8 experts
+					// expanded exactly (per-channel) or as hi+lo (block scales).
+					tol = wideTol(p, 1e-4)
 				}
 				p.check("moe", out, tol)
 			})
@@ -238,7 +265,17 @@ func attentionBatch(p *pairT, newTok, cached []int, blockSize, numBlocks int) *k
 }
 
 func TestAttentionTwin(t *testing.T) {
-	p := newPair(t)
+	for _, m := range []struct {
+		name string
+		opt  Options
+	}{{"flash", Options{}}, {"per-head", Options{NoFlashAttention: true}}} {
+		t.Run(m.name, func(t *testing.T) { attentionTwin(t, newPairOpt(t, m.opt)) })
+	}
+}
+
+// attentionTwin runs decode, prefill and chunked-prefill batches; bf16-cache
+// prefill goes to attention_flash or, with NoFlashAttention, attention_mma.
+func attentionTwin(t *testing.T, p *pairT) {
 	type acase struct {
 		heads, kv, d, rot int
 		qknorm            bool
@@ -320,7 +357,7 @@ func bf16Tensor(t *testing.T, b *Backend, v []float32, shape ...int) *kernels.Te
 }
 
 func TestAllocatorReuses(t *testing.T) {
-	b := gpu(t)
+	b := gpu(t, Options{})
 	x, err := b.NewTensor(kernels.F32, 1000)
 	must(t, "alloc", err)
 	p := x.Impl.(*buf).ptr

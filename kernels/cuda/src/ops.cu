@@ -66,16 +66,19 @@ extern "C" __global__ void f32_to_bf16(bf16_t* out, const float* in, long n) {
 
 // dequant_fp8: bf16 copy of a scaled e4m3 weight [N,K] (for cuBLAS on wide batches).
 extern "C" __global__ void dequant_fp8(bf16_t* out, const fp8_t* w, const float* scale, int mode, int sb0, int sb1,
-                                       int N, int K, int fold) {
+                                       int N, int K, int fold, int lo) {
     int scols = (K + sb1 - 1) / sb1;
     long n = (long)N * K;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         int r = (int)(i / K), k = (int)(i % K);
         // Per-channel scales are applied to the GEMM's output columns instead
         // (finish_gemm), so the bf16 copy holds the e4m3 values exactly.
-        // (fold != 0 multiplies them in here too, for the MoE's grouped GEMMs.)
+        // (fold != 0 multiplies them in here too.) With lo, the copy is the
+        // remainder v - bf16(v) instead: scaled weights as two bf16 halves.
         float s = mode == SCALE_CHANNEL ? (fold ? scale[r] : 1.f) : scale[(r / sb0) * scols + k / sb1];
-        out[i] = f2bf(fp82f(w[i]) * s);
+        float v = fp82f(w[i]) * s;
+        bf16_t h = f2bf(v);
+        out[i] = lo ? f2bf(v - bf2f(h)) : h;
     }
 }
 
@@ -530,25 +533,24 @@ extern "C" __global__ void finish_gemm(float* out, const float* c, int halves, c
 }
 
 // ---- MoE for wide batches (prefill): rows gathered per expert for cuBLAS ----
-// With split, expert e's rows sit at [2·off_e, 2·off_e+cnt) (bf16 hi) and
-// [2·off_e+cnt, 2·off_e+2·cnt) (bf16 lo); without, slot s is row s.
-__device__ __forceinline__ void wide_rows(int s, const int* expert_of, const int* offsets, int split, long* hi, long* lo) {
+// Expert e's GEMM rows start at rowbase[e] (the host pads each expert's
+// range to a multiple of 128 rows, disjoint from the next one's, so that
+// the experts' GEMMs may run concurrently in one batched call). With split,
+// its rows are [base, base+cnt) (bf16 hi) and [base+cnt, base+2·cnt) (bf16
+// lo); without, [base, base+cnt).
+__device__ __forceinline__ void wide_rows(int s, const int* expert_of, const int* offsets, const int* rowbase, int split,
+                                          long* hi, long* lo) {
     int e = expert_of[s];
     int off = offsets[e], cnt = offsets[e + 1] - off;
-    if (split) {
-        *hi = 2L * off + (s - off);
-        *lo = *hi + cnt;
-    } else {
-        *hi = s;
-        *lo = -1;
-    }
+    *hi = (long)rowbase[e] + (s - off);
+    *lo = split ? *hi + cnt : -1;
 }
 
 extern "C" __global__ void moe_gather_x(bf16_t* xg, const float* x, const int* perm, const int* expert_of,
-                                        const int* offsets, int K_top, int H, int split) {
+                                        const int* offsets, const int* rowbase, int K_top, int H, int split) {
     int s = blockIdx.x;
     long hi, lo;
-    wide_rows(s, expert_of, offsets, split, &hi, &lo);
+    wide_rows(s, expert_of, offsets, rowbase, split, &hi, &lo);
     const float* src = x + (long)(perm[s] / K_top) * H;
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float v = src[c];
@@ -558,16 +560,25 @@ extern "C" __global__ void moe_gather_x(bf16_t* xg, const float* x, const int* p
     }
 }
 
+// chscale: FP8 experts with per-channel scales, expanded without them (the
+// bf16 copy holds the e4m3 values exactly); they are applied here to the
+// gate/up outputs and in moe_combine_wide to the down outputs.
 extern "C" __global__ void moe_swiglu_wide(bf16_t* hg, const float* cg, const float* cu, const int* expert_of,
-                                           const int* offsets, int I, int split) {
+                                           const int* offsets, const int* rowbase, const ExpertPtrs* ex, int chscale,
+                                           int I, int split) {
     int s = blockIdx.x;
     long hi, lo;
-    wide_rows(s, expert_of, offsets, split, &hi, &lo);
+    wide_rows(s, expert_of, offsets, rowbase, split, &hi, &lo);
     for (int c = threadIdx.x; c < I; c += blockDim.x) {
         float g = cg[hi * I + c], u = cu[hi * I + c];
         if (lo >= 0) {
             g += cg[lo * I + c];
             u += cu[lo * I + c];
+        }
+        if (chscale) {
+            int e = expert_of[s];
+            g *= ex[e].s[0][c];
+            u *= ex[e].s[1][c];
         }
         float v = g / (1.f + expf(-g)) * u;
         bf16_t h = f2bf(v);
@@ -577,7 +588,8 @@ extern "C" __global__ void moe_swiglu_wide(bf16_t* hg, const float* cg, const fl
 }
 
 extern "C" __global__ void moe_combine_wide(float* out, const float* cy, const float* wts, const int* slot_of,
-                                            const int* expert_of, const int* offsets, int K_top, int H, int split) {
+                                            const int* expert_of, const int* offsets, const int* rowbase,
+                                            const ExpertPtrs* ex, int chscale, int K_top, int H, int split) {
     int t = blockIdx.x;
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float acc = 0.f;
@@ -585,9 +597,10 @@ extern "C" __global__ void moe_combine_wide(float* out, const float* cy, const f
             int s = slot_of[t * K_top + j];
             if (s < 0) continue;
             long hi, lo;
-            wide_rows(s, expert_of, offsets, split, &hi, &lo);
+            wide_rows(s, expert_of, offsets, rowbase, split, &hi, &lo);
             float y = cy[hi * H + c];
             if (lo >= 0) y += cy[lo * H + c];
+            if (chscale) y *= ex[expert_of[s]].s[2][c];
             acc += wts[t * K_top + j] * y;
         }
         out[(long)t * H + c] = acc;
