@@ -45,8 +45,8 @@ func (d *dummyWeights) spec(name string) (model.TensorSpec, error) {
 	return s, nil
 }
 
-// tensor makes a non-linear tensor: norms are ones, biases small, tables random.
-func (d *dummyWeights) tensor(name string) (*kernels.Tensor, error) {
+// Tensor makes a non-linear tensor: norms are ones, biases small, tables random.
+func (d *dummyWeights) Tensor(name string) (*kernels.Tensor, error) {
 	s, err := d.spec(name)
 	if err != nil {
 		return nil, err
@@ -75,14 +75,14 @@ func (d *dummyWeights) tensor(name string) (*kernels.Tensor, error) {
 	return t, d.be.Fill(t, d.seed, float32(math.Sqrt(3/float64(shape[1]))))
 }
 
-// linear makes module.weight (+ its FP8 scale).
-func (d *dummyWeights) linear(module string) (*kernels.Tensor, error) {
+// Linear makes module.weight (+ its FP8 scale).
+func (d *dummyWeights) Linear(module string) (*kernels.Tensor, error) {
 	s, err := d.spec(module + ".weight")
 	if err != nil {
 		return nil, err
 	}
 	if s.DType != model.F8E4M3 {
-		return d.tensor(module + ".weight")
+		return d.Tensor(module + ".weight")
 	}
 	n, k := int(s.Shape[0]), int(s.Shape[1])
 	w, err := d.be.NewTensor(kernels.F8E4M3, n, k)
@@ -123,87 +123,8 @@ func (d *dummyWeights) linear(module string) (*kernels.Tensor, error) {
 // final norm, lm_head; no MTP layer).
 func (d *dummyWeights) weights() (*model.Weights, error) {
 	c := d.cfg
-	w := &model.Weights{Config: c, Selection: model.Selection{EndLayer: c.NumHiddenLayers, Embedding: true, LMHead: true}}
-	var err error
-	if w.Embed, err = d.tensor("model.embed_tokens.weight"); err != nil {
-		return nil, err
-	}
-	if w.FinalNorm, err = d.tensor("model.norm.weight"); err != nil {
-		return nil, err
-	}
-	if w.LMHead, err = d.linear("lm_head"); err != nil {
-		return nil, err
-	}
-	for i := 0; i < c.NumHiddenLayers; i++ {
-		lw, err := d.layer(i)
-		if err != nil {
-			return nil, fmt.Errorf("layer %d: %w", i, err)
-		}
-		w.Layers = append(w.Layers, lw)
-	}
-	return w, nil
+	return model.Assemble(c, model.Selection{EndLayer: c.NumHiddenLayers, Embedding: true, LMHead: true}, d)
 }
-
-func (d *dummyWeights) layer(i int) (*model.LayerWeights, error) {
-	c := d.cfg
-	p := fmt.Sprintf("model.layers.%d.", i)
-	lw := &model.LayerWeights{Index: i, Kind: c.LayerKind(i)}
-	var errs []error
-	get := func(dst **kernels.Tensor, name string) {
-		t, err := d.tensor(p + name)
-		errs = append(errs, err)
-		*dst = t
-	}
-	lin := func(dst **kernels.Tensor, module string) {
-		t, err := d.linear(p + module)
-		errs = append(errs, err)
-		*dst = t
-	}
-	get(&lw.InputNorm, "input_layernorm.weight")
-	get(&lw.PostNorm, "post_attention_layernorm.weight")
-	lin(&lw.Q, "self_attn.q_proj")
-	lin(&lw.K, "self_attn.k_proj")
-	lin(&lw.V, "self_attn.v_proj")
-	lin(&lw.O, "self_attn.o_proj")
-	if c.AttentionBias {
-		get(&lw.QBias, "self_attn.q_proj.bias")
-		get(&lw.KBias, "self_attn.k_proj.bias")
-		get(&lw.VBias, "self_attn.v_proj.bias")
-	}
-	if c.UseQKNorm {
-		get(&lw.QNorm, "self_attn.q_norm.weight")
-		get(&lw.KNorm, "self_attn.k_norm.weight")
-	}
-	if lw.Kind == model.LayerDense {
-		lin(&lw.Gate, "mlp.gate_proj")
-		lin(&lw.Up, "mlp.up_proj")
-		lin(&lw.Down, "mlp.down_proj")
-	} else {
-		get(&lw.Router, "mlp.gate.weight")
-		get(&lw.RouterBias, "mlp.gate.e_score_correction_bias")
-		lw.Experts = make([]*kernels.Expert, c.NRoutedExperts)
-		for e := range lw.Experts {
-			ex := &kernels.Expert{}
-			ep := fmt.Sprintf("mlp.experts.%d.", e)
-			lin(&ex.Gate, ep+"gate_proj")
-			lin(&ex.Up, ep+"up_proj")
-			lin(&ex.Down, ep+"down_proj")
-			lw.Experts[e] = ex
-		}
-		if c.NSharedExperts > 0 {
-			lin(&lw.SharedGate, "mlp.shared_experts.gate_proj")
-			lin(&lw.SharedUp, "mlp.shared_experts.up_proj")
-			lin(&lw.SharedDown, "mlp.shared_experts.down_proj")
-		}
-	}
-	for _, err := range errs {
-		if err != nil {
-			return nil, err
-		}
-	}
-	return lw, nil
-}
-
 // tensorBytes is what reading t (and its scale) costs.
 func tensorBytes(ts ...*kernels.Tensor) int64 {
 	var n int64
