@@ -125,6 +125,7 @@ func (d *dummyWeights) weights() (*model.Weights, error) {
 	c := d.cfg
 	return model.Assemble(c, model.Selection{EndLayer: c.NumHiddenLayers, Embedding: true, LMHead: true}, d)
 }
+
 // tensorBytes is what reading t (and its scale) costs.
 func tensorBytes(ts ...*kernels.Tensor) int64 {
 	var n int64
