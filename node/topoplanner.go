@@ -93,7 +93,7 @@ func (p TopologyPlanner) Plan(ctx context.Context, ref ModelRef, members []Membe
 func inventoryHost(m MemberInventory) (topology.Host, error) {
 	inv := m.Inventory
 	g := inv.GPUs[0]
-	model, err := catalogGPU(g.Name, g.MemoryBytes)
+	model, err := topology.GPUFromDeviceName(g.Name, g.MemoryBytes)
 	if err != nil {
 		return topology.Host{}, fmt.Errorf("host %s: %w", m.Name, err)
 	}
@@ -113,31 +113,4 @@ func inventoryHost(m MemberInventory) (topology.Host, error) {
 		h.Name = shortID(m.ID)
 	}
 	return h, nil
-}
-
-// catalogGPU maps an NVML device name ("NVIDIA H100 80GB HBM3") to a catalog model.
-func catalogGPU(name string, mem uint64) (string, error) {
-	n := strings.ToUpper(name)
-	switch {
-	case strings.Contains(n, "H200"):
-		return "H200", nil
-	case strings.Contains(n, "H100") && strings.Contains(n, "PCIE"):
-		return "H100-PCIe-80G", nil
-	case strings.Contains(n, "H100"):
-		return "H100-SXM-80G", nil
-	case strings.Contains(n, "A100") && mem > 0 && mem < 60<<30:
-		return "A100-40G", nil
-	case strings.Contains(n, "A100"):
-		return "A100-80G", nil
-	case strings.Contains(n, "L40S"):
-		return "L40S", nil
-	case strings.Contains(n, "B200"):
-		return "B200", nil
-	case strings.Contains(n, "MI300X"):
-		return "MI300X", nil
-	}
-	if _, err := topology.LookupGPU(name); err == nil {
-		return name, nil
-	}
-	return "", fmt.Errorf("GPU %q is not in the planner's catalog (%s)", name, strings.Join(topology.GPUModels(), ", "))
 }

@@ -48,7 +48,9 @@ func TestTopologyPlannerOnDetectedHardware(t *testing.T) {
 	if err != nil || len(plan.Stages) != 2 || !strings.Contains(plan.Summary, "no GPUs") {
 		t.Errorf("cpu-only plan %+v, %v", plan, err)
 	}
-	if _, err := catalogGPU("NVIDIA GeForce RTX 4090", 24<<30); err == nil {
-		t.Error("an unknown GPU was accepted")
+	// A GPU the planner does not know is an error naming it, not a silent guess.
+	odd := []MemberInventory{gpuMember("x", "gamer", "NVIDIA GeForce RTX 4090", 1, 24<<30, 0)}
+	if _, err := p.Plan(context.Background(), ref, odd); err == nil || !strings.Contains(err.Error(), "RTX 4090") {
+		t.Errorf("unknown GPU: err %v", err)
 	}
 }

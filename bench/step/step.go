@@ -38,6 +38,9 @@ type Options struct {
 	LoadFormat string
 	Profile    bool
 	Graph      bool
+	// CalibrationOut, when set, receives the measured HBM and GEMM efficiencies
+	// for `glmtopo plan --calibration` (merged into an existing file).
+	CalibrationOut string
 }
 
 // Report is the --json output.
@@ -114,6 +117,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.LoadFormat, "load-format", "dummy", "weights: dummy (random, made on the GPU)")
 	fs.BoolVar(&o.Profile, "profile", false, "also time every operation of one step of each phase (to stderr)")
 	fs.BoolVar(&o.Graph, "cuda-graph", true, "also time decode steps replayed from a captured CUDA graph")
+	fs.StringVar(&o.CalibrationOut, "calibration-out", "", "write the efficiencies the engine achieved to this calibration file (for glmtopo plan --calibration)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -283,6 +287,13 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 		rep.Results = append(rep.Results, r)
 	}
 	rep.ElapsedSecond = time.Since(start).Seconds()
+	if o.CalibrationOut != "" {
+		hbm, gemm := engineRates(rep)
+		if err := writeCalibration(o.CalibrationOut, be.DeviceName(), uint64(be.MemoryBytes()), hbm, gemm); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(log, "bench step: wrote the engine's achieved efficiencies to %s\n", o.CalibrationOut)
+	}
 	return rep, nil
 }
 
