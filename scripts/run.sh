@@ -14,11 +14,35 @@ fi
 echo "== model"
 "$bin" model inspect "$model"
 
+# A local cluster of two daemons on loopback: discovery, membership and an agreed plan.
+state="$cache/cluster"
+rm -rf "$state" && mkdir -p "$state"
+"$bin" node cluster-key --out "$state/cluster.key" >/dev/null
+peers=127.0.0.1:$((port + 100)),127.0.0.1:$((port + 101))
+pids=()
+for i in 0 1; do
+  "$bin" node --state-dir "$state/host$i" --name "host$i" --cluster-key-file "$state/cluster.key" \
+    --listen "127.0.0.1:$((port + 100 + i))" --peers "$peers" --mdns=false --model "$model" --expect 2 \
+    --heartbeat-interval 200ms >"$state/host$i.log" 2>&1 &
+  pids+=($!)
+done
+stop_cluster() { kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; }
+trap stop_cluster EXIT
+echo
+echo "== local cluster: two glmtopo node daemons on loopback"
+for _ in $(seq 1 100); do
+  "$bin" status --state-dir "$state/host0" --json 2>/dev/null | grep -q '"state": "active"' && break
+  sleep 0.1
+done
+"$bin" status --state-dir "$state/host0"
+echo "(stages across hosts are planned, not yet executed: the head serves the whole model below)"
+
+echo
 echo "== starting: glmtopo serve --model $model --port $port"
 "$bin" serve --model "$model" --host 127.0.0.1 --port "$port" --served-model-name tiny \
   --enable-auto-tool-choice --tool-call-parser glm45 --reasoning-parser glm45 >"$cache/serve.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true; stop_cluster' EXIT
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
   kill -0 $server 2>/dev/null || { cat "$cache/serve.log"; exit 1; }
