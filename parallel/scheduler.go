@@ -42,6 +42,13 @@ type Scheduler struct {
 	// Counters for metrics.
 	Running atomic.Int64
 	Waiting atomic.Int64
+	kvUsed  atomic.Int64 // KV blocks held by sequences, updated by the loop
+}
+
+// KVCacheUsage is the fraction of the paged KV cache held by sequences
+// (reserved for their whole length at admission), for metrics.
+func (s *Scheduler) KVCacheUsage() float64 {
+	return float64(s.kvUsed.Load()) / float64(s.eng.KV.NumBlocks)
 }
 
 var _ Generator = (*Scheduler)(nil)
@@ -239,6 +246,7 @@ func (s *Scheduler) loop(ctx context.Context) {
 	for {
 		s.reap()
 		s.admit()
+		s.kvUsed.Store(int64(s.eng.KV.NumBlocks - s.eng.KV.FreeBlocks()))
 		if len(s.running) == 0 {
 			select {
 			case <-ctx.Done():

@@ -191,6 +191,10 @@ func TestSchedulerSaturated(t *testing.T) {
 		})
 	}()
 	<-started
+	// The running request holds KV blocks for its whole length (1 + 1000 tokens).
+	if u := s.KVCacheUsage(); u <= 0 || u > 1 {
+		t.Errorf("KV cache usage %g with a 1001-token sequence running", u)
+	}
 	for i := 0; i < 2; i++ {
 		wg.Add(1)
 		go func() {

@@ -2,7 +2,10 @@ package serve
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/glmtopo/glmtopo/kernels/cpu"
@@ -21,6 +24,17 @@ func TestConcurrentStreamsCPUEngine(t *testing.T) {
 	defer closeEngine()
 	sched := parallel.NewScheduler(eng, parallel.SchedulerOptions{MaxNumSeqs: 64, MaxWaiting: 512})
 	completed := runConcurrentStreams(t, sched, 200)
+	// The engine reports its KV cache use on /metrics (empty again now).
+	_, ts := newTestServer(t, testConfig(), sched)
+	resp, err := http.Get(ts.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `glmtopo:kv_cache_usage_perc{model_name="glm-test"} 0`) {
+		t.Errorf("metrics lack the KV cache gauge:\n%.400s", body)
+	}
 	sched.Close() // one scheduler owns the engine at a time
 	if completed != 200 {
 		t.Errorf("%d of 200 streams completed (the queue holds them all, so none should be refused)", completed)

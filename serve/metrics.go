@@ -73,3 +73,14 @@ func newMetrics(modelName string) *metrics {
 func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{Registry: m.registry})
 }
+
+// kvCacheUser is implemented by engines that report their KV cache use.
+type kvCacheUser interface{ KVCacheUsage() float64 }
+
+// watchKVCache exports the engine's KV cache use, like vLLM's kv_cache_usage_perc.
+func (m *metrics) watchKVCache(modelName string, usage func() float64) {
+	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "glmtopo:kv_cache_usage_perc", Help: "Fraction of the paged KV cache held by sequences (1 = full).",
+		ConstLabels: prometheus.Labels{"model_name": modelName},
+	}, usage))
+}

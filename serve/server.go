@@ -74,6 +74,9 @@ func NewServer(cfg Config, gen parallel.Generator, tok *tokenizer.Tokenizer, log
 		admit:       make(chan struct{}, cfg.MaxNumSeqs+cfg.MaxWaiting),
 		created:     time.Now().Unix(),
 	}
+	if u, ok := gen.(kvCacheUser); ok {
+		s.metrics.watchKVCache(cfg.ServedModelNames[0], u.KVCacheUsage)
+	}
 	for _, id := range gen.EOSTokenIDs() {
 		s.eos[id] = true
 	}
