@@ -77,7 +77,7 @@ var requiredFields = []string{
 func ParseConfig(data []byte) (*Config, error) {
 	var present map[string]json.RawMessage
 	if err := json.Unmarshal(data, &present); err != nil {
-		return nil, fmt.Errorf("parse config.json: %w", err)
+		return nil, fmt.Errorf("invalid JSON: %w", err)
 	}
 	var missing []string
 	for _, f := range requiredFields {
@@ -86,7 +86,7 @@ func ParseConfig(data []byte) (*Config, error) {
 		}
 	}
 	if len(missing) > 0 {
-		return nil, fmt.Errorf("config.json: missing required fields %s", strings.Join(missing, ", "))
+		return nil, fmt.Errorf("missing required fields %s", strings.Join(missing, ", "))
 	}
 	// HF defaults for optional fields.
 	c := &Config{
@@ -96,11 +96,11 @@ func ParseConfig(data []byte) (*Config, error) {
 		HiddenAct: "silu", FirstKDenseReplace: 1,
 	}
 	if err := json.Unmarshal(data, c); err != nil {
-		return nil, fmt.Errorf("parse config.json: %w", err)
+		return nil, fmt.Errorf("invalid JSON: %w", err)
 	}
 	var rc rawConfig
 	if err := json.Unmarshal(data, &rc); err != nil {
-		return nil, fmt.Errorf("parse config.json: %w", err)
+		return nil, fmt.Errorf("invalid JSON: %w", err)
 	}
 	if c.TorchDType == "" {
 		c.TorchDType = rc.DType
@@ -108,7 +108,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	if rp := rc.RopeParameters; rp != nil {
 		// transformers 5.x moves rope settings into rope_parameters; they win over flat fields.
 		if rp.RopeType != "" && rp.RopeType != "default" {
-			return nil, fmt.Errorf("config.json: rope_parameters.rope_type %q is not supported (only default RoPE)", rp.RopeType)
+			return nil, fmt.Errorf("rope_parameters.rope_type %q is not supported (only default RoPE)", rp.RopeType)
 		}
 		if rp.RopeTheta != nil {
 			c.RopeTheta = *rp.RopeTheta
@@ -125,13 +125,13 @@ func ParseConfig(data []byte) (*Config, error) {
 		if err := json.Unmarshal(rc.EOSTokenID, &one); err == nil {
 			c.EOSTokenIDs = []int{one}
 		} else if err := json.Unmarshal(rc.EOSTokenID, &c.EOSTokenIDs); err != nil {
-			return nil, fmt.Errorf("config.json: eos_token_id must be an int or a list of ints: %w", err)
+			return nil, fmt.Errorf("eos_token_id must be an int or a list of ints: %w", err)
 		}
 	}
 	if len(rc.QuantizationConfig) > 0 && string(rc.QuantizationConfig) != "null" {
 		q, err := parseQuantization(rc.QuantizationConfig)
 		if err != nil {
-			return nil, fmt.Errorf("config.json: %w", err)
+			return nil, err
 		}
 		c.Quantization = q
 	}

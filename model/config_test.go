@@ -78,7 +78,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad rope factor", func(m map[string]any) { m["partial_rotary_factor"] = 1.5 }, "partial_rotary_factor"},
 		{"bad eos", func(m map[string]any) { m["eos_token_id"] = "x" }, "eos_token_id"},
 		{"eos outside vocab", func(m map[string]any) { m["eos_token_id"] = 5000 }, "outside the vocabulary"},
-		{"wrong type", func(m map[string]any) { m["hidden_size"] = "big" }, "parse config.json"},
+		{"wrong type", func(m map[string]any) { m["hidden_size"] = "big" }, "invalid JSON"},
 		{"unsupported rope", func(m map[string]any) { m["rope_parameters"] = map[string]any{"rope_type": "yarn"} }, "rope_type"},
 		{"bad quantization", func(m map[string]any) { m["quantization_config"] = map[string]any{"quant_method": "gptq"} }, "gptq"},
 		{"tied embeddings", func(m map[string]any) { m["tie_word_embeddings"] = true }, "tie_word_embeddings"},
