@@ -215,10 +215,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	}
 	defer release()
 
-	model := s.cfg.ServedModelNames[0]
-	if cr.Model != "" {
-		model = cr.Model
-	}
+	model := s.responseModel(cr.Model)
 	id := newID("chatcmpl-")
 	created := time.Now().Unix()
 	parser := glm45.NewParser(plan.parserOpt)
@@ -268,23 +265,11 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reason := finishReason(res.Finish, parser.CalledTools())
-	promptTokens := res.PromptTokens
-	if promptTokens == 0 {
-		promptTokens = len(plan.req.PromptIDs)
-	}
-	res.PromptTokens = promptTokens
 	s.recordFinish(arrival, res, reason)
-	usage := usageOf(promptTokens, res.CompletionTokens)
+	usage := usageOf(res.PromptTokens, res.CompletionTokens)
 	if cr.Stream {
-		if sse.send(chunk(chatDelta{}, &reason)) != nil {
-			return
-		}
-		if cr.includeUsage() {
-			if sse.send(chatChunk{ID: id, Object: "chat.completion.chunk", Created: created, Model: model, Choices: []chatChunkChoice{}, Usage: usage}) != nil {
-				return
-			}
-		}
-		_ = sse.done()
+		endStream(sse, chunk(chatDelta{}, &reason), cr.includeUsage(),
+			chatChunk{ID: id, Object: "chat.completion.chunk", Created: created, Model: model, Choices: []chatChunkChoice{}, Usage: usage})
 		return
 	}
 	out := acc.Result()

@@ -79,10 +79,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	}
 	defer release()
 
-	model := s.cfg.ServedModelNames[0]
-	if cr.Model != "" {
-		model = cr.Model
-	}
+	model := s.responseModel(cr.Model)
 	id := newID("cmpl-")
 	created := time.Now().Unix()
 	keepSpecial := cr.SkipSpecialTokens != nil && !*cr.SkipSpecialTokens
@@ -123,21 +120,11 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reason := finishReason(res.Finish, false)
-	if res.PromptTokens == 0 {
-		res.PromptTokens = len(ids)
-	}
 	s.recordFinish(arrival, res, reason)
 	usage := usageOf(res.PromptTokens, res.CompletionTokens)
 	if cr.Stream {
-		if sse.send(chunk("", &reason)) != nil {
-			return
-		}
-		if cr.includeUsage() {
-			if sse.send(completionResponse{ID: id, Object: "text_completion", Created: created, Model: model, Choices: []completionChoice{}, Usage: usage}) != nil {
-				return
-			}
-		}
-		_ = sse.done()
+		endStream(sse, chunk("", &reason), cr.includeUsage(),
+			completionResponse{ID: id, Object: "text_completion", Created: created, Model: model, Choices: []completionChoice{}, Usage: usage})
 		return
 	}
 	resp := chunk(text.String(), &reason)

@@ -73,6 +73,9 @@ func (s *Server) run(ctx context.Context, g *generation) (parallel.Result, error
 		return nil
 	}
 	res, err := s.gen.Generate(ctx, g.req, emit)
+	if res.PromptTokens == 0 {
+		res.PromptTokens = len(g.req.PromptIDs) // engines that do not count it
+	}
 	if err != nil {
 		return res, err
 	}

@@ -215,6 +215,15 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, *APIError) {
 }
 
 // checkModel answers 404 for a model this server does not serve, like vLLM.
+// responseModel is the model name a response carries: the one the client
+// asked for (checkModel accepted it), else the first served name.
+func (s *Server) responseModel(requested string) string {
+	if requested != "" {
+		return requested
+	}
+	return s.cfg.ServedModelNames[0]
+}
+
 func (s *Server) checkModel(model string) *APIError {
 	if modelMatches(model, s.cfg.ServedModelNames) {
 		return nil

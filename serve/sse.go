@@ -74,3 +74,16 @@ type Usage struct {
 func usageOf(promptTokens, completionTokens int) *Usage {
 	return &Usage{PromptTokens: promptTokens, CompletionTokens: completionTokens, TotalTokens: promptTokens + completionTokens}
 }
+
+// endStream sends the finish event, the usage event when the client asked
+// for it (stream_options.include_usage), and [DONE]. A client already gone
+// ends it quietly.
+func endStream(sse *sseWriter, finish any, includeUsage bool, usage any) {
+	if sse.send(finish) != nil {
+		return
+	}
+	if includeUsage && sse.send(usage) != nil {
+		return
+	}
+	_ = sse.done()
+}
