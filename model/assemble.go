@@ -91,10 +91,13 @@ func assembleLayer(c *Config, i int, sel Selection, src TensorSource) (*LayerWei
 		get(&lw.QNorm, "self_attn.q_norm.weight")
 		get(&lw.KNorm, "self_attn.k_norm.weight")
 	}
+	mlp := func(gate, up, down **kernels.Tensor, prefix string) {
+		lin(gate, prefix+"gate_proj")
+		lin(up, prefix+"up_proj")
+		lin(down, prefix+"down_proj")
+	}
 	if lw.Kind == LayerDense {
-		lin(&lw.Gate, "mlp.gate_proj")
-		lin(&lw.Up, "mlp.up_proj")
-		lin(&lw.Down, "mlp.down_proj")
+		mlp(&lw.Gate, &lw.Up, &lw.Down, "mlp.")
 	} else {
 		get(&lw.Router, "mlp.gate.weight")
 		get(&lw.RouterBias, "mlp.gate.e_score_correction_bias")
@@ -104,16 +107,11 @@ func assembleLayer(c *Config, i int, sel Selection, src TensorSource) (*LayerWei
 				continue
 			}
 			ex := &kernels.Expert{}
-			ep := fmt.Sprintf("mlp.experts.%d.", e)
-			lin(&ex.Gate, ep+"gate_proj")
-			lin(&ex.Up, ep+"up_proj")
-			lin(&ex.Down, ep+"down_proj")
+			mlp(&ex.Gate, &ex.Up, &ex.Down, fmt.Sprintf("mlp.experts.%d.", e))
 			lw.Experts[e] = ex
 		}
 		if c.NSharedExperts > 0 {
-			lin(&lw.SharedGate, "mlp.shared_experts.gate_proj")
-			lin(&lw.SharedUp, "mlp.shared_experts.up_proj")
-			lin(&lw.SharedDown, "mlp.shared_experts.down_proj")
+			mlp(&lw.SharedGate, &lw.SharedUp, &lw.SharedDown, "mlp.shared_experts.")
 		}
 	}
 	if lw.Kind == LayerMTP {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/glmtopo/glmtopo/model/safetensors"
@@ -37,7 +38,7 @@ func TestSynthesizeLayoutAndDeterminism(t *testing.T) {
 				if !ok {
 					t.Fatalf("missing %s", s.Name)
 				}
-				if string(info.DType) != string(s.DType) || !shapeEq(info.Shape, s.Shape) {
+				if string(info.DType) != string(s.DType) || !slices.Equal(info.Shape, s.Shape) {
 					t.Errorf("%s: %s%v, want %s%v", s.Name, info.DType, info.Shape, s.DType, s.Shape)
 				}
 			}

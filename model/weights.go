@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"sync/atomic"
 
 	"github.com/glmtopo/glmtopo/kernels"
@@ -142,7 +143,7 @@ func (l *loader) read(s TensorSpec) (safetensors.Tensor, error) {
 	if err != nil {
 		return t, err
 	}
-	if !shapeEq(t.Shape, s.Shape) {
+	if !slices.Equal(t.Shape, s.Shape) {
 		return t, fmt.Errorf("tensor %s in %s: shape %v, config implies %v", s.Name, t.File, t.Shape, s.Shape)
 	}
 	ok := string(t.DType) == string(s.DType)
@@ -266,18 +267,6 @@ func (l *loader) Linear(module string) (*kernels.Tensor, error) {
 		return nil, fmt.Errorf("tensor %s: %w", st.Name, err)
 	}
 	return w, nil
-}
-
-func shapeEq(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func f32Bytes(f []float32) []byte {

@@ -90,15 +90,3 @@ func numElements(shape []int64) int64 {
 	}
 	return n
 }
-
-func shapeEqual(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}

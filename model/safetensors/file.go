@@ -3,6 +3,7 @@ package safetensors
 import (
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 )
 
@@ -135,7 +136,7 @@ func (f *File) TensorAs(name string, dtype DType, shape ...int64) (Tensor, error
 }
 
 func expect(path string, got TensorInfo, dtype DType, shape []int64) error {
-	if (dtype != "" && got.DType != dtype) || !shapeEqual(got.Shape, shape) {
+	if (dtype != "" && got.DType != dtype) || !slices.Equal(got.Shape, shape) {
 		want := dtype
 		if want == "" {
 			want = "any"

@@ -3,6 +3,7 @@ package safetensors
 import (
 	"fmt"
 	"math"
+	"slices"
 )
 
 // FP8 E4M3 quantization in the two layouts GLM-family checkpoints use.
@@ -172,7 +173,7 @@ func DequantizeE4M3Tensor(weight, scale Tensor, block int) ([]float32, error) {
 		}
 	case len(ss) == 2 && ss[0] == int64(rows) && ss[1] == 1:
 		err = DequantizePerChannelE4M3(dst, weight.Data, s, rows, cols)
-	case len(ss) == 2 && block > 0 && shapeEqual(ss, blockShape64(rows, cols, block)):
+	case len(ss) == 2 && block > 0 && slices.Equal(ss, blockShape64(rows, cols, block)):
 		err = DequantizeBlockE4M3(dst, weight.Data, s, rows, cols, block)
 	default:
 		return nil, fmt.Errorf("dequantize %q (%s): scale %q %v fits neither per-tensor, per-channel [%d 1] nor %d-block %v layout", weight.Name, weight.File, scale.Name, ss, rows, block, blockShape64(rows, cols, max(block, 1)))

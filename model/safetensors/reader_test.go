@@ -123,7 +123,7 @@ func TestOpenAcceptsEdgeCases(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !shapeEqual(tn.Shape, tc.shape) || len(tn.Data) != tc.size || tn.File != path {
+			if !slices.Equal(tn.Shape, tc.shape) || len(tn.Data) != tc.size || tn.File != path {
 				t.Errorf("tensor %v with %d bytes, want shape %v and %d bytes", tn.TensorInfo, len(tn.Data), tc.shape, tc.size)
 			}
 		})
