@@ -60,8 +60,10 @@ type request struct {
 	rng       *rand.Rand
 	generated int
 	last      int32
-	prefilled int // prompt tokens already in the cache
-	chunk     int // prompt tokens in the current step
+	prefilled int  // prompt tokens already in the cache
+	chunk     int  // prompt tokens in the current step
+	sampled   bool // next holds a token sampled this step
+	next      int32
 	cancelled atomic.Bool
 
 	mu     sync.Mutex
@@ -363,23 +365,24 @@ func (s *Scheduler) step() error {
 	if err != nil {
 		return err
 	}
-	sampled := map[*request]int32{}
 	for i, r := range order {
+		r.sampled = false
 		if r.chunk > 0 {
 			r.prefilled += r.chunk
 			if r.prefilled < len(r.req.PromptIDs) {
 				continue
 			}
 		}
-		sampled[r] = toks[i]
+		r.sampled, r.next = true, toks[i]
 	}
 	kept := s.running[:0]
 	for _, r := range s.running {
-		tok, ok := sampled[r]
-		if !ok {
-			kept = append(kept, r) // still prefilling
+		if !r.sampled {
+			kept = append(kept, r) // still prefilling, or no prefill budget this step
 			continue
 		}
+		r.sampled = false
+		tok := r.next
 		r.generated++
 		r.last = tok
 		finish, stop := s.finished(r, tok)
