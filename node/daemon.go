@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -370,13 +371,34 @@ func (d *Daemon) connectAsync(info peer.AddrInfo) {
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
-		ctx, cancel := context.WithTimeout(d.ctx, 2*d.opts.HeartbeatInterval+time.Second)
-		defer cancel()
-		if err := forceDial(ctx, d.host, info); err != nil {
-			d.log.Debug("dial failed", "peer", info.ID.String(), "err", err)
+		// Two hosts that find each other at the same moment (mDNS) dial each
+		// other from their listening ports: TCP simultaneous open makes one
+		// connection on which both sides start the handshake as initiator, and
+		// it fails. mDNS reports a peer once, so retry after a random delay,
+		// which breaks the symmetry.
+		for attempt := 1; ; attempt++ {
+			ctx, cancel := context.WithTimeout(d.ctx, 2*d.opts.HeartbeatInterval+time.Second)
+			err := forceDial(ctx, d.host, info)
+			cancel()
+			if err == nil || d.host.Network().Connectedness(info.ID) == network.Connected {
+				return
+			}
+			d.log.Debug("dial failed", "peer", info.ID.String(), "attempt", attempt, "err", err)
+			if attempt == dialAttempts {
+				return
+			}
+			delay := time.Duration(attempt) * (50*time.Millisecond + mrand.N(250*time.Millisecond))
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-time.After(delay):
+			}
 		}
 	}()
 }
+
+// dialAttempts bounds the retries of connectAsync.
+const dialAttempts = 4
 
 func toMultiaddrs(ss []string) []ma.Multiaddr {
 	var out []ma.Multiaddr

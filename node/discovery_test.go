@@ -111,7 +111,9 @@ func TestNetnsDiscovery(t *testing.T) {
 	}
 	t.Cleanup(func() { ip("netns", "del", brNS) })
 	setup := [][]string{
-		{"-n", brNS, "link", "add", "br0", "type", "bridge"},
+		// No multicast snooping: without an IGMP querier a snooping bridge may
+		// drop the mDNS group's traffic; a plain LAN switch floods it.
+		{"-n", brNS, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0", "forward_delay", "0"},
 		{"-n", brNS, "link", "set", "br0", "up"},
 		{"-n", brNS, "link", "set", "lo", "up"},
 	}
@@ -137,6 +139,20 @@ func TestNetnsDiscovery(t *testing.T) {
 			t.Skipf("cannot build the veth/bridge network: %v", err)
 		}
 	}
+	// Start the daemons only once every link is up: mDNS binds to the
+	// interfaces that are up when it starts, and a query sent while the
+	// ports come up is lost (the next one is seconds later).
+	eventually(t, 10*time.Second, "the veth/bridge links to come up", func() string {
+		for i, n := range names {
+			for _, l := range [][2]string{{tag + n, fmt.Sprintf("v%s%d", tag, i)}, {brNS, fmt.Sprintf("b%s%d", tag, i)}} {
+				out, err := exec.Command(ipCmd, "-n", l[0], "-o", "link", "show", l[1]).CombinedOutput()
+				if err != nil || !strings.Contains(string(out), "state UP") {
+					return fmt.Sprintf("%s in %s: %s %v", l[1], l[0], strings.TrimSpace(string(out)), err)
+				}
+			}
+		}
+		return ""
+	})
 	dir := t.TempDir()
 	key := writeClusterKey(t, dir, "cluster.key")
 	var procs []*daemonProc
@@ -144,7 +160,7 @@ func TestNetnsDiscovery(t *testing.T) {
 		writeInventory(t, dir, n)
 		sd := filepath.Join(dir, n)
 		listen := fmt.Sprintf("10.77.0.%d:7946", i+1)
-		extra := []string{"--expect", "3", "--mdns=true"}
+		extra := []string{"--expect", "3", "--mdns=true", "--log-level", "debug"}
 		if n == "n3" {
 			extra = []string{"--expect", "3", "--mdns=false", "--peers", "10.77.0.1:7946"}
 		}
