@@ -26,3 +26,14 @@ type Graph interface {
 type BatchUpdater interface {
 	UpdateBatch(meta BatchMeta, b *Batch) error
 }
+
+// GraphBatcher is implemented by backends whose batch metadata can live in
+// its own buffer for as long as a captured graph reads it (UploadBatch's
+// buffers are recycled from step to step). A graph captured over such
+// metadata replays later batches after BatchUpdater.UpdateBatch rewrites it.
+type GraphBatcher interface {
+	// NewBatchMeta uploads b into a buffer of its own; free it with
+	// FreeBatchMeta once no graph reads it.
+	NewBatchMeta(b *Batch) (BatchMeta, error)
+	FreeBatchMeta(meta BatchMeta)
+}

@@ -2,6 +2,7 @@ package parallel
 
 import (
 	"fmt"
+	"log/slog"
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
@@ -18,9 +19,11 @@ type Engine struct {
 	// OnLayer, when set, sees the residual stream after the embedding (layer -1)
 	// and after each main layer (tests compare it with goldens).
 	OnLayer func(layer int, h *kernels.Tensor)
+
+	graphs *decodeGraphs // nil when every step runs eagerly
 }
 
-// EngineOptions size the KV cache.
+// EngineOptions size the KV cache and choose how decode steps run.
 type EngineOptions struct {
 	BlockSize int // tokens per KV block (default 16)
 	NumBlocks int // blocks in the pool (default: enough for MaxTokens)
@@ -28,6 +31,19 @@ type EngineOptions struct {
 	// KVDType is the cache's element type (default F32, what the CPU backend
 	// supports; GPU backends take BF16).
 	KVDType kernels.DType
+	// EnforceEager runs every step kernel by kernel, like vLLM's
+	// --enforce-eager. Otherwise pure decode steps (one token per sequence)
+	// replay captured graphs when the backend can capture them (it
+	// implements kernels.GraphCapturer, BatchUpdater and GraphBatcher); see
+	// graphs.go.
+	EnforceEager bool
+	// GraphMaxSeqs is the widest decode batch replayed from a graph (default
+	// 64); wider ones run eagerly.
+	GraphMaxSeqs int
+	// GraphMinContext is the smallest context bucket of the graphs (default
+	// 256 tokens); the buckets double up to the KV pool's capacity.
+	GraphMinContext int
+	Logger          *slog.Logger // nil: slog.Default()
 }
 
 // NewEngine wraps loaded weights; w must hold the whole model.
@@ -47,19 +63,51 @@ func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine
 	if opt.NumBlocks <= 0 {
 		opt.NumBlocks = (opt.MaxTokens + opt.BlockSize - 1) / opt.BlockSize
 	}
+	if opt.GraphMaxSeqs <= 0 {
+		opt.GraphMaxSeqs = 64
+	}
+	if opt.GraphMinContext <= 0 {
+		opt.GraphMinContext = 256
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.Default()
+	}
 	layers := c.NumHiddenLayers
 	if w.MTP != nil {
 		layers++
 	}
-	kv, err := NewKVPool(be, opt.KVDType, layers, opt.NumBlocks, opt.BlockSize, c.NumKeyValueHeads, c.HeadDim)
+	gb, graphs := be.(graphBackend)
+	graphs = graphs && !opt.EnforceEager
+	blocks := opt.NumBlocks
+	if graphs {
+		blocks++ // the padding rows' scratch block
+	}
+	kv, err := NewKVPool(be, opt.KVDType, layers, blocks, opt.BlockSize, c.NumKeyValueHeads, c.HeadDim)
 	if err != nil {
 		return nil, err
 	}
-	return &Engine{Cfg: c, BE: be, W: w, KV: kv}, nil
+	e := &Engine{Cfg: c, BE: be, W: w, KV: kv}
+	if graphs {
+		scratch := kv.takeScratch()
+		if e.graphs, err = newDecodeGraphs(gb, opt.Logger, opt.GraphMaxSeqs, opt.GraphMinContext, kv.NumBlocks*kv.BlockSize, kv.BlockSize, scratch); err != nil {
+			kv.Close()
+			return nil, fmt.Errorf("engine: %w", err)
+		}
+		opt.Logger.Info("decode steps replay graphs", "backend", be.Name(), "seq_buckets", e.graphs.seqBuckets,
+			"ctx_buckets", e.graphs.ctxBuckets)
+	}
+	return e, nil
 }
 
-// Close frees the KV cache (the weights belong to the caller).
-func (e *Engine) Close() { e.KV.Close() }
+// Close frees the decode graphs and the KV cache (the weights belong to the
+// caller). Results of graph steps are invalid after it.
+func (e *Engine) Close() {
+	if e.graphs != nil {
+		e.graphs.close()
+		e.graphs = nil
+	}
+	e.KV.Close()
+}
 
 // StepInput appends Tokens to Seq (a prefill chunk, or one decode token).
 type StepInput struct {
@@ -67,17 +115,25 @@ type StepInput struct {
 	Tokens []int32
 }
 
-// StepResult holds a step's outputs on the backend until Release.
+// StepResult holds a step's outputs on the backend until Release, or until
+// the next Step, whichever comes first: a step replayed from a graph returns
+// the graph's outputs, which its next replay overwrites (Sample or Download
+// them before the next Step).
 type StepResult struct {
 	Logits *kernels.Tensor // [rows, vocab]
 	Normed *kernels.Tensor // [rows, hidden]: final-normed hidden states (the MTP layer's input)
 	// Rows[i] is the batch token index of output row i.
-	Rows []int
-	f    *model.Forward
+	Rows    []int
+	release func() // nil when the tensors belong to a graph
 }
 
-// Release frees the step's tensors.
-func (r *StepResult) Release() { r.f.Release() }
+// Release frees the step's tensors (a no-op for a graph's outputs).
+func (r *StepResult) Release() {
+	if r.release != nil {
+		r.release()
+		r.release = nil
+	}
+}
 
 // batch builds the step's token layout and grows the sequences' caches.
 func (e *Engine) batch(inputs []StepInput, mtp bool) (*kernels.Batch, []int32, error) {
@@ -117,6 +173,15 @@ func (e *Engine) batch(inputs []StepInput, mtp bool) (*kernels.Batch, []int32, e
 // Step runs the model on the inputs and returns logits and normed hidden
 // states of each input's last token, or of every token when allRows.
 func (e *Engine) Step(inputs []StepInput, allRows bool) (*StepResult, error) {
+	if e.graphs != nil && e.graphs.failed {
+		e.graphs.close() // the last step's result came from the warm-up; it is past its life now
+		e.graphs = nil
+	}
+	if e.graphs != nil && !allRows && e.OnLayer == nil {
+		if res, ok, err := e.graphs.step(e, inputs); ok {
+			return res, err
+		}
+	}
 	b, ids, err := e.batch(inputs, false)
 	if err != nil {
 		return nil, err
@@ -126,7 +191,7 @@ func (e *Engine) Step(inputs []StepInput, allRows bool) (*StepResult, error) {
 		return nil, err
 	}
 	f := &model.Forward{Cfg: e.Cfg, BE: e.BE, Meta: meta, T: len(ids)}
-	res := &StepResult{f: f}
+	res := &StepResult{release: f.Release}
 	fail := func(err error) (*StepResult, error) {
 		f.Release()
 		return nil, err
@@ -216,5 +281,5 @@ func (e *Engine) MTPStep(inputs []StepInput, hPrev *kernels.Tensor) (*StepResult
 	for i := range rows {
 		rows[i] = i
 	}
-	return &StepResult{Logits: logits, Rows: rows, f: f}, nil
+	return &StepResult{Logits: logits, Rows: rows, release: f.Release}, nil
 }

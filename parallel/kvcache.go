@@ -91,6 +91,15 @@ func (p *KVPool) Release(s *Seq) {
 	s.Blocks, s.Len, s.MTPLen = nil, 0, 0
 }
 
+// takeScratch removes a free block from the pool for good (NumBlocks drops
+// by one): decode graphs point their padding rows at it.
+func (p *KVPool) takeScratch() int32 {
+	b := p.free[len(p.free)-1]
+	p.free = p.free[:len(p.free)-1]
+	p.NumBlocks--
+	return b
+}
+
 // slot is the cache slot of position pos of s.
 func (p *KVPool) slot(s *Seq, pos int) int32 {
 	return s.Blocks[pos/p.BlockSize]*int32(p.BlockSize) + int32(pos%p.BlockSize)

@@ -361,6 +361,8 @@ func (s *Scheduler) step() error {
 			params[i].Ban = append(append([]int32(nil), s.eos...), toI32(r.req.StopTokenIDs)...)
 		}
 	}
+	// Sampled before the next Step: a graph step's logits are the graph's
+	// outputs, which its next replay overwrites.
 	toks, err := s.eng.BE.Sample(res.Logits, params)
 	if err != nil {
 		return err

@@ -35,6 +35,8 @@ type Options struct {
 	KVDType    string
 	FastGemm   bool // bf16 activations in cuBLAS GEMMs (default: hi+lo halves)
 	NoFlash    bool // per-q-head prefill attention instead of attention_flash
+	BlockGemv  bool // narrow GEMVs on the block kernels instead of the streamed ones
+	ExactFP8   bool // e4m3 GEMVs read hi+lo f16 activation planes
 	LoadFormat string
 	Profile    bool
 	Graph      bool
@@ -55,6 +57,7 @@ type Report struct {
 	KVDType       string   `json:"kv_dtype"`
 	WideGemm      string   `json:"wide_gemm"`
 	PrefillAttn   string   `json:"prefill_attention"`
+	NarrowGemv    string   `json:"narrow_gemv"`
 	Results       []Result `json:"results"`
 	CommandLine   string   `json:"command_line"`
 	ElapsedSecond float64  `json:"elapsed_s"`
@@ -114,6 +117,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.KVDType, "kv-cache-dtype", "bf16", "KV cache dtype: bf16 or f32")
 	fs.BoolVar(&o.FastGemm, "fast-gemm", false, "round activations to bf16 once in cuBLAS GEMMs (default: two bf16 halves, ~f32 accuracy)")
 	fs.BoolVar(&o.NoFlash, "no-flash-attention", false, "run bf16-cache prefill attention per q head (the kernel before attention_flash)")
+	fs.BoolVar(&o.BlockGemv, "block-gemv", false, "run narrow-batch GEMVs on the block tensor-core kernels (before the streamed ones)")
+	fs.BoolVar(&o.ExactFP8, "exact-fp8-activations", false, "e4m3 GEMVs read activations as two f16 planes (~22 bits) instead of one (11 bits)")
 	fs.StringVar(&o.LoadFormat, "load-format", "dummy", "weights: dummy (random, made on the GPU)")
 	fs.BoolVar(&o.Profile, "profile", false, "also time every operation of one step of each phase (to stderr)")
 	fs.BoolVar(&o.Graph, "cuda-graph", true, "also time decode steps replayed from a captured CUDA graph")
@@ -222,14 +227,22 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	be, err := cuda.New(cuda.Options{Device: o.Device, FastWideGemm: o.FastGemm, NoFlashAttention: o.NoFlash})
+	be, err := cuda.New(cuda.Options{Device: o.Device, FastWideGemm: o.FastGemm, NoFlashAttention: o.NoFlash, BlockGemv: o.BlockGemv,
+		ExactFP8Activations: o.ExactFP8})
 	if err != nil {
 		return nil, err
 	}
 	defer be.Close()
 	b := &bench{o: o, be: be, cfg: cfg, rng: rand.New(rand.NewPCG(1, 2)), log: log}
 	rep := &Report{Device: be.DeviceName(), Model: o.Model, Layers: cfg.NumHiddenLayers, Dense: cfg.FirstKDenseReplace,
-		KVDType: o.KVDType, WideGemm: "bf16x2 (hi+lo split)", PrefillAttn: "flash (per GQA group)"}
+		KVDType: o.KVDType, WideGemm: "bf16x2 (hi+lo split)", PrefillAttn: "flash (per GQA group)",
+		NarrowGemv: "streamed (per warp)"}
+	if o.BlockGemv {
+		rep.NarrowGemv = "block (8 warps split K)"
+	}
+	if o.ExactFP8 {
+		rep.NarrowGemv += ", e4m3 with hi+lo f16 activations"
+	}
 	if o.FastGemm {
 		rep.WideGemm = "bf16"
 	}

@@ -23,6 +23,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at end-of-sequence tokens")
 	asJSON := fs.Bool("json", false, `print {"ids":[...]}`)
 	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
+	eager := fs.Bool("enforce-eager", false, "run every step kernel by kernel: no CUDA graphs for decode steps (as vLLM's --enforce-eager)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -43,7 +44,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer be.Close()
-	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16, KVDType: kv}, nil)
+	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16, KVDType: kv, EnforceEager: *eager}, nil)
 	if err != nil {
 		return err
 	}

@@ -23,6 +23,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	kvTokens := fs.Int("kv-cache-tokens", 0, "tokens the paged KV cache holds (default: max-model-len × 8)")
 	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
 	batched := fs.Int("max-num-batched-tokens", 2048, "prompt tokens prefilled per engine step (chunked prefill budget)")
+	eager := fs.Bool("enforce-eager", false, "run every step kernel by kernel: no CUDA graphs for decode steps (as vLLM's --enforce-eager)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -59,7 +60,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer be.Close()
-	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: *kvTokens, KVDType: kv}, progress(stderr, "load"))
+	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: *kvTokens, KVDType: kv, EnforceEager: *eager}, progress(stderr, "load"))
 	if err != nil {
 		return err
 	}

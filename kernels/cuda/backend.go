@@ -19,7 +19,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 )
 
-//go:embed src/common.cuh src/ops.cu src/mma.cu src/attention.cu src/flash.cu
+//go:embed src/common.cuh src/ops.cu src/mma.cu src/gemv.cu src/attention.cu src/flash.cu
 var srcFS embed.FS
 
 func source(names ...string) string {
@@ -61,6 +61,16 @@ type Options struct {
 	NoFlashAttention bool
 	// NoTensorCoreGemv keeps narrow-batch bf16/FP8 GEMVs on the CUDA cores.
 	NoTensorCoreGemv bool
+	// BlockGemv runs narrow-batch GEMVs on the earlier tensor-core kernels
+	// (8 warps of a block split K and reduce through shared memory, e4m3
+	// widened to bf16 on the CUDA cores) instead of the streamed per-warp
+	// kernels (src/gemv.cu); kept for A/B measurements.
+	BlockGemv bool
+	// ExactFP8Activations gives the e4m3 GEMVs a second f16 plane of
+	// activation residues (~22 bits of each activation instead of 11):
+	// twice their tensor-core work and activation reads, for comparisons
+	// with the f32 CPU reference.
+	ExactFP8Activations bool
 }
 
 // Backend is one GPU: its primary context, one stream, a caching allocator
@@ -87,6 +97,9 @@ type Backend struct {
 	resident map[string]int
 	errFlag  *buf
 	blasWS   *buf
+	// sgCounters are the streamed GEMVs' split-K arrival counters (zero
+	// between kernels: the last warp of each group resets its own).
+	sgCounters *buf
 
 	argVals [40]uint64
 	argPtrs [40]uintptr
@@ -181,9 +194,15 @@ func (b *Backend) open() error {
 	if err := d.check(d.cuMemsetD32Async(b.errFlag.ptr, 0, 1, b.stream), "clear error flag"); err != nil {
 		return err
 	}
+	if b.sgCounters, err = b.pool.alloc(4 * sgMaxCounters); err != nil {
+		return err
+	}
+	if err := d.check(d.cuMemsetD32Async(b.sgCounters.ptr, 0, sgMaxCounters, b.stream), "clear gemv counters"); err != nil {
+		return err
+	}
 	// GLMTOPO_CUDA_DEFINES (space-separated NAME=VALUE) overrides the kernels'
 	// tuning macros, for sweeps on a new GPU without rebuilding.
-	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "mma.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
+	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
 		return err
 	}
 	if !b.opt.NoCublas {
@@ -244,7 +263,12 @@ func (b *Backend) fn(key, name string) (uintptr, error) {
 // residentBlocks is how many blocks of kernel name (256 threads) fit on the
 // whole GPU at once: the grid of a persistent kernel.
 func (b *Backend) residentBlocks(key, name string) (int, error) {
-	full := key + "/" + name
+	return b.residentBlocksOf(key, name, 256)
+}
+
+// residentBlocksOf is residentBlocks for blocks of threads threads.
+func (b *Backend) residentBlocksOf(key, name string, threads int) (int, error) {
+	full := fmt.Sprintf("%s/%s/%d", key, name, threads)
 	if n, ok := b.resident[full]; ok {
 		return n, nil
 	}
@@ -253,7 +277,7 @@ func (b *Backend) residentBlocks(key, name string) (int, error) {
 		return 0, err
 	}
 	var per int32
-	if err := b.d.check(b.d.cuOccupancyMaxActiveBlocksPerMultiprocessor(&per, f, 256, 0), "occupancy "+name); err != nil {
+	if err := b.d.check(b.d.cuOccupancyMaxActiveBlocksPerMultiprocessor(&per, f, int32(threads), 0), "occupancy "+name); err != nil {
 		return 0, err
 	}
 	n := max(1, int(per)) * b.sms
@@ -361,8 +385,9 @@ func (b *Backend) closeLocked() error {
 			b.pool.put(m)
 		}
 		b.pool.put(b.errFlag)
+		b.pool.put(b.sgCounters)
 		b.pool.put(b.blasWS)
-		errs = append(errs, b.pool.trim())
+		errs = append(errs, b.pool.close())
 	}
 	if b.stream != 0 {
 		b.d.cuStreamDestroy(b.stream)

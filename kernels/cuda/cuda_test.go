@@ -234,3 +234,16 @@ func must(t *testing.T, what string, errs ...error) {
 		}
 	}
 }
+
+func TestSgSplits(t *testing.T) {
+	for _, c := range []struct{ units, blocks, chunks, want int }{
+		{10000, 396, 128, 1}, // enough units
+		{16, 396, 128, 8},    // few units: split K (down to two chunks per warp)
+		{704, 396, 128, 1},   // 1.8 waves either way: keep K whole
+		{1, 396, 10, 1},      // too short to split
+	} {
+		if got := sgSplits(c.units, c.blocks, c.chunks); got != c.want {
+			t.Errorf("sgSplits(%d, %d, %d) = %d, want %d", c.units, c.blocks, c.chunks, got, c.want)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 var (
 	_ kernels.GraphCapturer = (*Backend)(nil)
 	_ kernels.BatchUpdater  = (*Backend)(nil)
+	_ kernels.GraphBatcher  = (*Backend)(nil)
 )
 
 // cuStreamCaptureModeRelaxed lets other threads make unrelated CUDA calls
@@ -31,6 +32,7 @@ func (b *Backend) BeginCapture() error {
 			return err
 		}
 		b.capturing = true
+		b.pool.capturing = true
 		return nil
 	})
 }
@@ -49,6 +51,7 @@ func (b *Backend) EndCapture() (kernels.Graph, error) {
 	g := &graph{b: b}
 	err := b.op(func() error {
 		b.capturing = false
+		b.pool.capturing = false
 		if err := b.d.check(b.d.cuStreamEndCapture(b.stream, &g.g), "cuStreamEndCapture"); err != nil {
 			return err
 		}

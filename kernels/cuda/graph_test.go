@@ -60,3 +60,37 @@ func TestGraphReplaysWithNewInputs(t *testing.T) {
 	p.check("replayed silu", u, 2e-5)
 	p.check("replayed attention", att, 2e-5)
 }
+
+// TestCaptureScratchStaysWithGraphs: scratch freed during a capture is
+// baked into the graph, so it must not be handed out after the capture
+// (a tensor there would be overwritten by every replay), only to later captures.
+func TestCaptureScratchStaysWithGraphs(t *testing.T) {
+	b := gpu(t, Options{})
+	p := b.pool
+	p.capturing = true
+	s, err := p.alloc(3 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ptr := s.ptr
+	p.put(s)
+	p.capturing = false
+	o, err := p.alloc(3 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.put(o)
+	if o.ptr == ptr {
+		t.Fatalf("a graph's scratch %#x was handed out after its capture", ptr)
+	}
+	p.capturing = true
+	again, err := p.alloc(3 << 20)
+	p.capturing = false
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.ptr != ptr {
+		t.Errorf("a later capture did not reuse the graphs' scratch: got %#x, want %#x", again.ptr, ptr)
+	}
+	p.put(again)
+}

@@ -103,7 +103,7 @@ func (b *Backend) Linear(out, x, w, bias *kernels.Tensor) error {
 	}
 	return b.op(func() error {
 		// Narrow batches stay on the tensor-core GEMV (one pass over the weights).
-		if T > mmaMaxTokens || !b.mmaOK(wi) {
+		if !b.sgLinearTakes(wi, T) && (T > mmaMaxTokens || !b.mmaOK(wi)) {
 			if T > b.opt.GemvMaxTokens && b.blas != nil && wi.dtype != kernels.F32 {
 				return b.linearCublas(op, xp, bp, wi, T)
 			}
@@ -115,6 +115,9 @@ func (b *Backend) Linear(out, x, w, bias *kernels.Tensor) error {
 // linearGemv: each warp computes 1 or 4 consecutive rows; few rows get one
 // row per warp so that small projections still spread over the GPU.
 func (b *Backend) linearGemv(op, xp, bp uintptr, wi weightInfo, T int) error {
+	if b.sgLinearTakes(wi, T) {
+		return b.sgLinear(op, xp, bp, wi, T)
+	}
 	if b.mmaOK(wi) && T <= mmaMaxTokens {
 		kernel := fmt.Sprintf("linear_mma_%s_n%d", wi.suffix, min(2, (T+7)/8))
 		grid, err := b.residentBlocks("ops", kernel)

@@ -155,6 +155,9 @@ func (b *Backend) MoE(out, x, ids, weights *kernels.Tensor, experts []*kernels.E
 			offsets, active, slotOf, perm, uintptr(0), b.errFlag.ptr); err != nil {
 			return err
 		}
+		if b.sgOK(tab.gate[tab.first]) && b.sgOK(tab.down[tab.first]) {
+			return b.sgMoE(op, xp, wp, tab, T, k, E, h, moePlanBufs{offsets: offsets, active: active, slotOf: slotOf, perm: perm, h: hbuf, y: ybuf})
+		}
 		maxActive := uint32(min(E, A))
 		// An expert gets at most T tokens (top-k ids are distinct). A chunk
 		// narrower than an expert's tokens re-reads its weights from DRAM

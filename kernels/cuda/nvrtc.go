@@ -70,9 +70,16 @@ func openNVRTC() (*nvrtc, error) {
 
 // compile builds src for sm_<arch> into a cubin.
 func (n *nvrtc) compile(name, src string, opts []string) ([]byte, error) {
+	cubin, _, err := n.compileLog(name, src, opts)
+	return cubin, err
+}
+
+// compileLog is compile that also returns the compiler's log (ptxas'
+// resource usage with --ptxas-options=-v).
+func (n *nvrtc) compileLog(name, src string, opts []string) ([]byte, string, error) {
 	var prog uintptr
 	if r := n.nvrtcCreateProgram(&prog, src, name, 0, 0, 0); r != 0 {
-		return nil, fmt.Errorf("nvrtc: create %s: %s", name, n.nvrtcGetErrorString(r))
+		return nil, "", fmt.Errorf("nvrtc: create %s: %s", name, n.nvrtcGetErrorString(r))
 	}
 	defer n.nvrtcDestroyProgram(&prog)
 	cstrs := make([][]byte, len(opts))
@@ -82,23 +89,24 @@ func (n *nvrtc) compile(name, src string, opts []string) ([]byte, error) {
 		ptrs[i] = &cstrs[i][0]
 	}
 	r := n.nvrtcCompileProgram(prog, int32(len(ptrs)), unsafe.Pointer(&ptrs[0]))
+	var lsz uintptr
+	n.nvrtcGetProgramLogSize(prog, &lsz)
+	logb := make([]byte, lsz+1)
+	n.nvrtcGetProgramLog(prog, unsafe.Pointer(&logb[0]))
+	log := strings.TrimRight(string(logb), "\x00\n")
 	if r != 0 {
-		var sz uintptr
-		n.nvrtcGetProgramLogSize(prog, &sz)
-		log := make([]byte, sz+1)
-		n.nvrtcGetProgramLog(prog, unsafe.Pointer(&log[0]))
-		return nil, fmt.Errorf("nvrtc: compile %s (%s): %s\n%s", name, strings.Join(opts, " "),
-			n.nvrtcGetErrorString(r), strings.TrimRight(string(log), "\x00\n"))
+		return nil, "", fmt.Errorf("nvrtc: compile %s (%s): %s\n%s", name, strings.Join(opts, " "),
+			n.nvrtcGetErrorString(r), log)
 	}
 	var sz uintptr
 	if r := n.nvrtcGetCUBINSize(prog, &sz); r != 0 || sz == 0 {
-		return nil, fmt.Errorf("nvrtc: %s: no cubin (%s)", name, n.nvrtcGetErrorString(r))
+		return nil, "", fmt.Errorf("nvrtc: %s: no cubin (%s)", name, n.nvrtcGetErrorString(r))
 	}
 	out := make([]byte, sz)
 	if r := n.nvrtcGetCUBIN(prog, unsafe.Pointer(&out[0])); r != 0 {
-		return nil, fmt.Errorf("nvrtc: %s: get cubin: %s", name, n.nvrtcGetErrorString(r))
+		return nil, "", fmt.Errorf("nvrtc: %s: get cubin: %s", name, n.nvrtcGetErrorString(r))
 	}
-	return out, nil
+	return out, log, nil
 }
 
 // cacheDirEnv overrides where compiled kernels are kept.

@@ -60,12 +60,22 @@ func TestEmbedTwin(t *testing.T) {
 	}
 }
 
-// wideGemmModes are the two activation formats of the cuBLAS path:
-// hi+lo bf16 halves (default) and bf16 once (Options.FastWideGemm).
+// wideGemmModes are the activation formats: hi+lo bf16 halves on the
+// cuBLAS path and hi+lo f16 planes for e4m3 GEMVs ("exact"), and bf16 once
+// (Options.FastWideGemm) with one f16 plane for e4m3 GEMVs (the default).
 var wideGemmModes = []struct {
 	name string
 	opt  Options
-}{{"exact", Options{}}, {"bf16", Options{FastWideGemm: true}}}
+}{{"exact", Options{ExactFP8Activations: true}}, {"fast", Options{FastWideGemm: true}}}
+
+// fp8Tol is the tolerance of an e4m3 result: activations rounded once to
+// f16 (11 bits) unless Options.ExactFP8Activations.
+func fp8Tol(p *pairT, dt kernels.DType, tol float64) float64 {
+	if dt != kernels.F8E4M3 || p.gpu.opt.ExactFP8Activations {
+		return tol
+	}
+	return max(tol, 2e-3)
+}
 
 // wideTol is the tolerance of a result that went through the cuBLAS path:
 // bf16 activations round each input to 8 bits of mantissa.
@@ -97,7 +107,9 @@ func linearTwin(t *testing.T, p *pairT) {
 		{"fp8-block3x5", kernels.F8E4M3, kernels.ScaleBlock, [2]int{3, 5}},
 	}
 	shapes := [][3]int{{1, 37, 83}, {3, 130, 264}, {2, 77, 2056}, {8, 1000, 136}, {6, 9000, 264}, {9, 1000, 136}, {17, 531, 1032}, {40, 77, 520},
-		{1, 4100, 256}, {5, 300, 512}, {12, 130, 384}, {16, 77, 1024}, {40, 77, 512}, {64, 130, 256}} // K % 32 == 0: the tensor-core GEMV
+		{1, 4100, 256}, {5, 300, 512}, {12, 130, 384}, {16, 77, 1024}, {40, 77, 512}, {64, 130, 256}, // K % 32 == 0: the tensor-core GEMV
+		{3, 130, 352},                                  // K % 64 == 32: e4m3 on the block GEMV, bf16 on the streamed one
+		{1, 16, 4096}, {2, 9, 12288}, {11, 1030, 1408}} // few row groups: K split over many warps
 	for _, wc := range wcases {
 		for _, sh := range shapes {
 			T, N, K := sh[0], sh[1], sh[2]
@@ -113,6 +125,7 @@ func linearTwin(t *testing.T, p *pairT) {
 					// cuBLAS path: activations (and block-scaled weights) as two bf16 halves
 					tol = wideTol(p, 1e-4)
 				}
+				tol = fp8Tol(p, wc.dt, tol)
 				p.check("linear", out, tol)
 				out2 := p.poisoned(T, N)
 				must(t, "linear without bias", p.cpu.Linear(out2.c, x.c, w.c, nil), p.gpu.Linear(out2.g, x.g, w.g, nil))
@@ -171,8 +184,9 @@ func moeTwin(t *testing.T, p *pairT) {
 		{"bf16", kernels.BF16, 0, [2]int{}},
 		{"fp8-channel", kernels.F8E4M3, kernels.ScalePerChannel, [2]int{}},
 		{"fp8-block", kernels.F8E4M3, kernels.ScaleBlock, [2]int{16, 32}},
+		{"fp8-block128", kernels.F8E4M3, kernels.ScaleBlock, [2]int{128, 128}},
 	} {
-		for _, T := range []int{1, 5, 33, 200} {
+		for _, T := range []int{1, 2, 5, 12, 33, 200} {
 			t.Run(fmt.Sprintf("%s/T%d", mc.name, T), func(t *testing.T) {
 				p := p.sub(t)
 				E, K, H, I := 11, 3, 72, 37
@@ -181,6 +195,9 @@ func moeTwin(t *testing.T, p *pairT) {
 				}
 				if T == 5 || T == 33 { // multiples of 32: the tensor-core kernels (T 5), the wide GEMMs or CUDA cores (T 33)
 					H, I = 128, 64
+				}
+				if T == 2 || T == 12 { // the streamed kernels, K split over warps (T 2) or not, 2 token tiles (T 12)
+					H, I = 1024, 320
 				}
 				ce := make([]*kernels.Expert, E)
 				ge := make([]*kernels.Expert, E)
@@ -212,7 +229,7 @@ func moeTwin(t *testing.T, p *pairT) {
 					// expanded exactly (per-channel) or as hi+lo (block scales).
 					tol = wideTol(p, 1e-4)
 				}
-				p.check("moe", out, tol)
+				p.check("moe", out, fp8Tol(p, mc.dt, tol))
 			})
 		}
 	}
@@ -380,6 +397,6 @@ func TestLinearLargeActivations(t *testing.T) {
 		x := p.f32(scale, 3, 256)
 		out := p.poisoned(3, 200)
 		must(t, "linear", p.cpu.Linear(out.c, x.c, w.c, nil), p.gpu.Linear(out.g, x.g, w.g, nil))
-		p.check(fmt.Sprintf("linear with |x| ~ %g", scale), out, 5e-5)
+		p.check(fmt.Sprintf("linear with |x| ~ %g", scale), out, fp8Tol(p, kernels.F8E4M3, 5e-5))
 	}
 }

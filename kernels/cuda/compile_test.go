@@ -1,0 +1,59 @@
+package cuda
+
+import (
+	"errors"
+	"os"
+	"regexp"
+	"testing"
+)
+
+// TestKernelsCompile compiles every embedded module for Hopper (sm_90) with
+// NVRTC alone: no driver or GPU is needed, so machines with only the
+// compiler library (libnvrtc) catch source errors before device time is
+// spent. With GLMTOPO_PTXAS_VERBOSE=1 it logs ptxas' register and spill
+// counts per kernel.
+func TestKernelsCompile(t *testing.T) {
+	n, err := loadNVRTC()
+	if errors.Is(err, ErrNoCUDA) {
+		t.Skipf("no NVRTC: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	modules := []struct {
+		name    string
+		src     string
+		defines []string
+	}{
+		{"ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu"), nil},
+		{"attn_g12_d128", source("common.cuh", "attention.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},
+		{"attn_g3_d64_f32", source("common.cuh", "attention.cu"), []string{"ATT_G=3", "ATT_D=64", "KV_BF16=0"}},
+		{"flash_g12_d128", source("common.cuh", "attention.cu", "flash.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},
+	}
+	verbose := os.Getenv("GLMTOPO_PTXAS_VERBOSE") == "1"
+	spill := regexp.MustCompile(`(\d+) bytes spill stores`)
+	for _, m := range modules {
+		opts := []string{"--gpu-architecture=sm_90", "--std=c++17", "-default-device"}
+		if verbose {
+			opts = append(opts, "--ptxas-options=-v")
+		}
+		for _, d := range m.defines {
+			opts = append(opts, "-D"+d)
+		}
+		cubin, log, err := n.compileLog(m.name, m.src, opts)
+		if err != nil {
+			t.Fatalf("%s (NVRTC %s): %v", m.name, n.version, err)
+		}
+		if len(cubin) == 0 {
+			t.Fatalf("%s: empty cubin", m.name)
+		}
+		if verbose {
+			t.Logf("%s:\n%s", m.name, log)
+			for _, s := range spill.FindAllStringSubmatch(log, -1) {
+				if s[1] != "0" {
+					t.Logf("%s: spills: %s", m.name, s[0])
+				}
+			}
+		}
+	}
+}
