@@ -235,6 +235,14 @@ func must(t *testing.T, what string, errs ...error) {
 	}
 }
 
+func TestSgWarpsPerUnit(t *testing.T) {
+	for _, c := range []struct{ chunks, want int }{{128, 8}, {64, 8}, {63, 4}, {44, 4}, {22, 2}, {15, 1}, {1, 1}} {
+		if got := sgWarpsPerUnit(c.chunks); got != c.want {
+			t.Errorf("sgWarpsPerUnit(%d) = %d, want %d", c.chunks, got, c.want)
+		}
+	}
+}
+
 func TestSgSplits(t *testing.T) {
 	for _, c := range []struct{ units, blocks, chunks, want int }{
 		{10000, 396, 128, 1}, // enough units

@@ -51,6 +51,26 @@ func (b *Backend) sgOK(wi weightInfo) bool {
 // two chunks per warp.
 const sgMinChunks = 16
 
+// sgWarpsPerUnit is how many of a block's 8 warps share one unit of
+// chunks chunks: as many as keep ≥ 8 chunks each (a short K, like the
+// experts' down projection, then runs several units per block at once
+// instead of leaving each warp two chunks and a pipeline fill).
+func sgWarpsPerUnit(chunks int) int {
+	w := 8
+	for w > 1 && chunks < 8*w {
+		w /= 2
+	}
+	return w
+}
+
+// sgPlan picks the warps per unit and the K splits of units row groups of
+// nch chunks on blocks resident blocks.
+func sgPlan(units, blocks, nch int) (wpu, P int) {
+	wpu = sgWarpsPerUnit(nch)
+	P = sgSplits(units, blocks*(8/wpu), nch)
+	return sgWarpsPerUnit(nch / P), P
+}
+
 // sgSplits is how many K ranges each of units row groups is cut into: the
 // P with the least modelled time, waves of resident blocks × (chunks per
 // warp + ~2 chunks of pipeline fill), so that few units (a batch-1 step
@@ -119,7 +139,7 @@ func (b *Backend) sgLinear(op, xp, bp uintptr, wi weightInfo, T int) error {
 		return err
 	}
 	groups := (wi.n + 15) / 16
-	P := sgSplits(groups, blocks, wi.k/sgChunk(wi.dtype))
+	wpu, P := sgPlan(groups, blocks, wi.k/sgChunk(wi.dtype))
 	planeB, invB := align256(4*T*wi.k), align256(4*T)
 	partB := uintptr(0)
 	if P > 1 {
@@ -138,8 +158,9 @@ func (b *Backend) sgLinear(op, xp, bp uintptr, wi weightInfo, T int) error {
 	if fp8 {
 		xinv = inv
 	}
-	return b.launch("ops", kernel, rows(min(blocks, groups*P)), b256, 0, op, planes, b.planeOffset(fp8, T, wi.k), xinv, wi.ptr,
-		wi.scale, wi.mode, wi.sb0, wi.sb1, bp, int32(T), int32(wi.n), int32(wi.k), int32(P), part, b.sgCounters.ptr)
+	grid := min(blocks, (groups*P*wpu+7)/8)
+	return b.launch("ops", kernel, rows(grid), b256, 0, op, planes, b.planeOffset(fp8, T, wi.k), xinv, wi.ptr,
+		wi.scale, wi.mode, wi.sb0, wi.sb1, bp, int32(T), int32(wi.n), int32(wi.k), int32(P), part, b.sgCounters.ptr, int32(wpu))
 }
 
 // sgMoE runs the routed experts of a narrow batch on the streamed kernels,
@@ -167,8 +188,8 @@ func (b *Backend) sgMoE(op, xp, wp uintptr, tab *expertTable, T, k, E, H int, pl
 	}
 	maxActive := min(E, A, tab.present)
 	guUnits, dnUnits := maxActive*((I+15)/16), maxActive*((H+15)/16)
-	pGU := sgSplits(guUnits, guBlocks, g.k/sgChunk(g.dtype))
-	pDn := sgSplits(dnUnits, dnBlocks, d.k/sgChunk(d.dtype))
+	wGU, pGU := sgPlan(guUnits, guBlocks, g.k/sgChunk(g.dtype))
+	wDn, pDn := sgPlan(dnUnits, dnBlocks, d.k/sgChunk(d.dtype))
 	xplB, xinvB, hplB, hinvB := align256(4*T*H), align256(4*T), align256(4*A*I), align256(4*A)
 	partB := uintptr(0)
 	if pGU > 1 || pDn > 1 {
@@ -191,17 +212,17 @@ func (b *Backend) sgMoE(op, xp, wp uintptr, tab *expertTable, T, k, E, H int, pl
 	if fp8 {
 		xs, hs = xinv, hinv
 	}
-	if err := b.launch("ops", gu, rows(min(guBlocks, guUnits*pGU)), b256, 0,
+	if err := b.launch("ops", gu, rows(min(guBlocks, (guUnits*pGU*wGU+7)/8)), b256, 0,
 		plan.h, xpl, b.planeOffset(fp8, T, H), xs, tab.dev.ptr, int32(E), plan.offsets, plan.active, plan.perm, int32(k), int32(I), int32(H),
-		tab.mode, tab.sb0, tab.sb1, int32(pGU), part, b.sgCounters.ptr); err != nil {
+		tab.mode, tab.sb0, tab.sb1, int32(pGU), part, b.sgCounters.ptr, int32(wGU)); err != nil {
 		return err
 	}
 	if err := b.sgSplitRows(hpl, hinv, plan.h, A, I, fp8); err != nil {
 		return err
 	}
-	if err := b.launch("ops", dn, rows(min(dnBlocks, dnUnits*pDn)), b256, 0,
+	if err := b.launch("ops", dn, rows(min(dnBlocks, (dnUnits*pDn*wDn+7)/8)), b256, 0,
 		plan.y, hpl, b.planeOffset(fp8, A, I), hs, tab.dev.ptr, int32(E), plan.offsets, plan.active, int32(I), int32(H),
-		tab.mode, tab.sb0, tab.sb1, int32(pDn), part, b.sgCounters.ptr); err != nil {
+		tab.mode, tab.sb0, tab.sb1, int32(pDn), part, b.sgCounters.ptr, int32(wDn)); err != nil {
 		return err
 	}
 	return b.launch("ops", "moe_combine", rows(T), b256, 0, op, plan.y, wp, plan.slotOf, int32(k), int32(H))

@@ -239,32 +239,43 @@ __device__ __forceinline__ const float* sg_srow(const float* scale, int mode, in
     return scale + (long)(row0 / sb0) * ((K + sb1 - 1) / sb1);
 }
 
-// sg_reduce adds the block's warps' accumulators into warp 0's, through
-// red (the rings' shared memory: free once every warp has drained its ring).
+// sg_reduce adds the accumulators of a unit's wpu warps (warps
+// [lead, lead+wpu) of the block) into the lead warp's, through the warps'
+// own rings (each drained its ring at the end of sg_sweep). Units of one
+// block run independently (different token counts), so they meet at named
+// barriers, one per unit slot (id 0 stays __syncthreads').
+__device__ __forceinline__ void sg_bar(int slot, int wpu) {
+    asm volatile("bar.sync %0, %1;" ::"r"(slot + 1), "r"(wpu * 32) : "memory");
+}
+
 template <int NA, int NTT>
-__device__ __forceinline__ void sg_reduce(float (&acc)[NA][NTT][4], float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ __forceinline__ void sg_reduce(float (&acc)[NA][NTT][4], uint4* rings, int stride, int wpu) {
+    if (wpu == 1) return;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slot = warp / wpu, w = warp % wpu;
     const int V = NA * NTT * 4;
-    __syncthreads();
-    if (warp > 0) {
+    if (w > 0) {
+        float* mine = (float*)(rings + warp * stride);
 #pragma unroll
         for (int a = 0; a < NA; a++)
 #pragma unroll
             for (int j = 0; j < NTT; j++)
 #pragma unroll
-                for (int q = 0; q < 4; q++) red[(((warp - 1) * NA + a) * NTT * 4 + j * 4 + q) * 32 + lane] = acc[a][j][q];
+                for (int q = 0; q < 4; q++) mine[((a * NTT + j) * 4 + q) * 32 + lane] = acc[a][j][q];
     }
-    __syncthreads();
-    if (warp == 0) {
-        for (int w = 1; w < SG_WPB; w++)
+    sg_bar(slot, wpu);
+    if (w == 0) {
+        for (int o = 1; o < wpu; o++) {
+            const float* theirs = (const float*)(rings + (warp + o) * stride);
 #pragma unroll
             for (int a = 0; a < NA; a++)
 #pragma unroll
                 for (int j = 0; j < NTT; j++)
 #pragma unroll
-                    for (int q = 0; q < 4; q++) acc[a][j][q] += red[(((w - 1) * NA + a) * NTT * 4 + j * 4 + q) * 32 + lane];
+                    for (int q = 0; q < 4; q++) acc[a][j][q] += theirs[((a * NTT + j) * 4 + q) * 32 + lane];
+        }
     }
-    __syncthreads();
+    sg_bar(slot, wpu);
+    (void)V;
 }
 
 // sg_linear: out[T,N] = x·wᵀ (+bias); units = ceil(N/16)·P, one per block,
@@ -273,11 +284,15 @@ __device__ __forceinline__ void sg_reduce(float (&acc)[NA][NTT][4], float* red) 
 template <int WT, int NTT>
 __device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, const float* xinv, const void* w,
                                const float* scale, int mode, int sb0, int sb1, const float* bias, int T, int N, int K,
-                               int P, float* part, int* counters, uint4* ring, float* red) {
+                               int P, float* part, int* counters, uint4* rings, int wpu) {
     const int CK = WT == WT_FP8 ? 64 : 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    // A unit takes wpu warps (interleaved chunks); a block runs SG_WPB/wpu units at once.
+    int units_per_block = SG_WPB / wpu, wl = warp % wpu;
+    const int stride = SG_STAGES * 2 * 32;
+    uint4* ring = rings + warp * stride;
     int groups = (N + 15) / 16, nch = K / CK;
-    for (int unit = blockIdx.x; unit < groups * P; unit += gridDim.x) {
+    for (int unit = blockIdx.x * units_per_block + warp / wpu; unit < groups * P; unit += gridDim.x * units_per_block) {
         int grp = unit / P, p = unit % P, row0 = grp * 16;
         int kc0, kc1;
         sg_split(p, P, nch, &kc0, &kc1);
@@ -289,10 +304,10 @@ __device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, 
 #pragma unroll
             for (int j = 0; j < NTT; j++) xr[j] = x + (long)min(t0 + 8 * j + g, T - 1) * K;
             float acc[1][NTT][4];
-            sg_sweep<WT, 1, NTT>(acc, rows, xr, plane, min(NTT, (T - t0 + 7) / 8), kc0 + warp, kc1, SG_WPB, ring, srow,
+            sg_sweep<WT, 1, NTT>(acc, rows, xr, plane, min(NTT, (T - t0 + 7) / 8), kc0 + wl, kc1, wpu, ring, srow,
                                  sb1 / CK);
-            sg_reduce<1, NTT>(acc, red);
-            if (warp != 0) continue;
+            sg_reduce<1, NTT>(acc, rings, stride, wpu);
+            if (wl != 0) continue;
 #pragma unroll
             for (int j = 0; j < NTT; j++)
 #pragma unroll
@@ -307,7 +322,7 @@ __device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, 
                     }
                 }
         }
-        if (warp != 0 || P == 1 || !sg_last(&counters[grp], P)) continue;
+        if (wl != 0 || P == 1 || !sg_last(&counters[grp], P)) continue;
         for (int e = lane; e < 16 * T; e += 32) {
             int t = e / 16, n = row0 + e % 16;
             if (n >= N) continue;
@@ -322,10 +337,10 @@ __device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, 
 #define SG_LINEAR(wt, WT, NTT)                                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_linear_##wt##_n##NTT(                              \
         float* out, const unsigned short* x, long plane, const float* xinv, const void* w, const float* scale,       \
-        int mode, int sb0, int sb1, const float* bias, int T, int N, int K, int P, float* part, int* counters) {      \
+        int mode, int sb0, int sb1, const float* bias, int T, int N, int K, int P, float* part, int* counters, int wpu) { \
         __shared__ uint4 ring[SG_WPB][SG_STAGES * 2 * 32];                                                           \
         sg_linear_impl<WT, NTT>(out, x, plane, xinv, w, scale, mode, sb0, sb1, bias, T, N, K, P, part, counters,            \
-                                ring[threadIdx.x >> 5], (float*)ring);                                              \
+                                &ring[0][0], wpu);                                                                 \
     }
 SG_LINEAR(bf16, WT_BF16, 1)
 SG_LINEAR(bf16, WT_BF16, 2)
@@ -339,12 +354,16 @@ template <int WT, int NTT>
 __device__ void sg_gate_up_impl(float* h, const unsigned short* x, long xplane, const float* xinv,
                                 const ExpertPtrs* ex, int E, const int* offsets, const int* active, const int* perm,
                                 int K_top, int I, int H, int mode, int sb0, int sb1, int P, float* part,
-                                int* counters, uint4* ring, float* red) {
+                                int* counters, uint4* rings, int wpu) {
     const int CK = WT == WT_FP8 ? 64 : 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    // A unit takes wpu warps (interleaved chunks); a block runs SG_WPB/wpu units at once.
+    int units_per_block = SG_WPB / wpu, wl = warp % wpu;
+    const int stride = SG_STAGES * 4 * 32;
+    uint4* ring = rings + warp * stride;
     int groups = (I + 15) / 16, nch = H / CK, A = offsets[E];
     int work = offsets[E + 1] * groups * P;
-    for (int unit = blockIdx.x; unit < work; unit += gridDim.x) {
+    for (int unit = blockIdx.x * units_per_block + warp / wpu; unit < work; unit += gridDim.x * units_per_block) {
         int item = unit / P, p = unit % P;
         int e = active[item / groups], row0 = (item % groups) * 16;
         int s0 = offsets[e], s1 = offsets[e + 1];
@@ -360,10 +379,10 @@ __device__ void sg_gate_up_impl(float* h, const unsigned short* x, long xplane, 
 #pragma unroll
             for (int j = 0; j < NTT; j++) xr[j] = x + (long)(perm[min(t0 + 8 * j + g, s1 - 1)] / K_top) * H;
             float acc[2][NTT][4];
-            sg_sweep<WT, 2, NTT>(acc, rows, xr, xplane, min(NTT, (s1 - t0 + 7) / 8), kc0 + warp, kc1, SG_WPB,
+            sg_sweep<WT, 2, NTT>(acc, rows, xr, xplane, min(NTT, (s1 - t0 + 7) / 8), kc0 + wl, kc1, wpu,
                                  ring, srow, sb1 / CK);
-            sg_reduce<2, NTT>(acc, red);
-            if (warp != 0) continue;
+            sg_reduce<2, NTT>(acc, rings, stride, wpu);
+            if (wl != 0) continue;
 #pragma unroll
             for (int j = 0; j < NTT; j++)
 #pragma unroll
@@ -381,7 +400,7 @@ __device__ void sg_gate_up_impl(float* h, const unsigned short* x, long xplane, 
                     }
                 }
         }
-        if (warp != 0 || P == 1 || !sg_last(&counters[item], P)) continue;
+        if (wl != 0 || P == 1 || !sg_last(&counters[item], P)) continue;
         for (int el = lane; el < 16 * (s1 - s0); el += 32) {
             int s = s0 + el / 16, i = row0 + el % 16;
             if (i >= I) continue;
@@ -402,12 +421,16 @@ __device__ void sg_gate_up_impl(float* h, const unsigned short* x, long xplane, 
 template <int WT, int NTT>
 __device__ void sg_down_impl(float* y, const unsigned short* hp, long hplane, const float* hinv, const ExpertPtrs* ex,
                              int E, const int* offsets, const int* active, int I, int H, int mode, int sb0, int sb1,
-                             int P, float* part, int* counters, uint4* ring, float* red) {
+                             int P, float* part, int* counters, uint4* rings, int wpu) {
     const int CK = WT == WT_FP8 ? 64 : 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    // A unit takes wpu warps (interleaved chunks); a block runs SG_WPB/wpu units at once.
+    int units_per_block = SG_WPB / wpu, wl = warp % wpu;
+    const int stride = SG_STAGES * 2 * 32;
+    uint4* ring = rings + warp * stride;
     int groups = (H + 15) / 16, nch = I / CK, A = offsets[E];
     int work = offsets[E + 1] * groups * P;
-    for (int unit = blockIdx.x; unit < work; unit += gridDim.x) {
+    for (int unit = blockIdx.x * units_per_block + warp / wpu; unit < work; unit += gridDim.x * units_per_block) {
         int item = unit / P, p = unit % P;
         int e = active[item / groups], row0 = (item % groups) * 16;
         int s0 = offsets[e], s1 = offsets[e + 1];
@@ -421,10 +444,10 @@ __device__ void sg_down_impl(float* y, const unsigned short* hp, long hplane, co
 #pragma unroll
             for (int j = 0; j < NTT; j++) xr[j] = hp + (long)min(t0 + 8 * j + g, s1 - 1) * I;
             float acc[1][NTT][4];
-            sg_sweep<WT, 1, NTT>(acc, rows, xr, hplane, min(NTT, (s1 - t0 + 7) / 8), kc0 + warp, kc1, SG_WPB,
+            sg_sweep<WT, 1, NTT>(acc, rows, xr, hplane, min(NTT, (s1 - t0 + 7) / 8), kc0 + wl, kc1, wpu,
                                  ring, srow, sb1 / CK);
-            sg_reduce<1, NTT>(acc, red);
-            if (warp != 0) continue;
+            sg_reduce<1, NTT>(acc, rings, stride, wpu);
+            if (wl != 0) continue;
 #pragma unroll
             for (int j = 0; j < NTT; j++)
 #pragma unroll
@@ -438,7 +461,7 @@ __device__ void sg_down_impl(float* y, const unsigned short* hp, long hplane, co
                         part[((long)p * A + s) * H + n] = acc[0][j][q];
                 }
         }
-        if (warp != 0 || P == 1 || !sg_last(&counters[item], P)) continue;
+        if (wl != 0 || P == 1 || !sg_last(&counters[item], P)) continue;
         for (int el = lane; el < 16 * (s1 - s0); el += 32) {
             int s = s0 + el / 16, n = row0 + el % 16;
             if (n >= H) continue;
@@ -453,18 +476,18 @@ __device__ void sg_down_impl(float* y, const unsigned short* hp, long hplane, co
     extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_gate_up_##wt##_n##NTT(                             \
         float* h, const unsigned short* x, long xplane, const float* xinv, const ExpertPtrs* ex, int E,              \
         const int* offsets, const int* active, const int* perm, int K_top, int I, int H, int mode, int sb0, int sb1,  \
-        int P, float* part, int* counters) {                                                                          \
+        int P, float* part, int* counters, int wpu) {                                                                 \
         __shared__ uint4 ring[SG_WPB][SG_STAGES * 4 * 32];                                                           \
         sg_gate_up_impl<WT, NTT>(h, x, xplane, xinv, ex, E, offsets, active, perm, K_top, I, H, mode, sb0, sb1, P,   \
-                                 part, counters, ring[threadIdx.x >> 5], (float*)ring);                              \
+                                 part, counters, &ring[0][0], wpu);                                                 \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_down_##wt##_n##NTT(                                \
         float* y, const unsigned short* hp, long hplane, const float* hinv, const ExpertPtrs* ex, int E,             \
         const int* offsets, const int* active, int I, int H, int mode, int sb0, int sb1, int P, float* part,         \
-        int* counters) {                                                                                              \
+        int* counters, int wpu) {                                                                                     \
         __shared__ uint4 ring[SG_WPB][SG_STAGES * 2 * 32];                                                           \
         sg_down_impl<WT, NTT>(y, hp, hplane, hinv, ex, E, offsets, active, I, H, mode, sb0, sb1, P, part, counters,  \
-                              ring[threadIdx.x >> 5], (float*)ring);                                                 \
+                              &ring[0][0], wpu);                                                                     \
     }
 SG_MOE(bf16, WT_BF16, 1)
 SG_MOE(bf16, WT_BF16, 2)
