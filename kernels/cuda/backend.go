@@ -100,6 +100,7 @@ type Backend struct {
 	// sgCounters are the streamed GEMVs' split-K arrival counters (zero
 	// between kernels: the last warp of each group resets its own).
 	sgCounters *buf
+	smemOptin  int32 // shared memory a block may opt in to (0: not read yet)
 
 	argVals [40]uint64
 	argPtrs [40]uintptr

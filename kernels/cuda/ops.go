@@ -3,6 +3,8 @@ package cuda
 import (
 	"fmt"
 	"math"
+	"math/bits"
+	"os"
 
 	"github.com/glmtopo/glmtopo/kernels"
 )
@@ -301,14 +303,52 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 		grid := [3]uint32{uint32(p.KVHeads), uint32(T), uint32(nsplit)}
 		var err error
 		if useMMA && prefill && !b.opt.NoFlashAttention {
-			// One block per 16-token tile × the g q heads of a kv head. Its
-			// own module: a compile failure there leaves the others usable.
-			fkey := fmt.Sprintf("flash_g%d_d%d", g, d)
+			// A whole GQA group per K/V tile. attention_flash's geometry, as
+			// FL_* in flash.cu: warps of 32 q rows (one q head × two 16-token
+			// tiles each), up to 4 q heads per block, K/V in stages of bn
+			// positions. GLMTOPO_FLASH=old picks the earlier 16-rows-per-warp
+			// kernel, attention_flash16 (A/B runs).
+			variant := os.Getenv("GLMTOPO_FLASH")
+			warps, stages, bn := 4, 2, 64
+			// Its own module: a compile failure there leaves the others usable.
+			fkey := fmt.Sprintf("flash_g%d_d%d_w%ds%db%d", g, d, warps, stages, bn)
+			_, loaded := b.mods[fkey]
 			if err := b.loadModule(fkey, source("common.cuh", "attention.cu", "flash.cu"),
-				[]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d), "KV_BF16=1"}); err != nil {
+				[]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d), "KV_BF16=1",
+					fmt.Sprintf("FL_W=%d", warps), fmt.Sprintf("FL_STAGES=%d", stages), fmt.Sprintf("FL_BN=%d", bn)}); err != nil {
 				return err
 			}
-			return b.launch(fkey, "attention_flash", [3]uint32{uint32(p.KVHeads), uint32(m.nTiles), 1},
+			hpb := min(g, 4)
+			nsub, hg := 2*(warps/hpb), (g+hpb-1)/hpb
+			fsmem := 2 * (d + 8) * (warps*32 + 2*stages*bn)
+			if b.smemOptin == 0 {
+				b.d.cuDeviceGetAttribute(&b.smemOptin, attrMaxSharedPerBlockOptin, b.dev)
+			}
+			fits := fsmem <= int(b.smemOptin)
+			if !loaded && fits {
+				f, err := b.fn(fkey, "attention_flash")
+				if err != nil {
+					return err
+				}
+				if err := b.d.check(b.d.cuFuncSetAttribute(f, funcAttrMaxDynamicShared, int32(fsmem)), "flash attention shared memory"); err != nil {
+					return fmt.Errorf("%w (GQA group %d, head dim %d need %d bytes)", err, g, d, fsmem)
+				}
+				// Two blocks per SM (4 warps) need 2 × fsmem: the largest carveout.
+				const carveoutAttr = 9 // CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+				if err := b.d.check(b.d.cuFuncSetAttribute(f, carveoutAttr, 100), "flash attention carveout"); err != nil {
+					return err
+				}
+			}
+			// Cache blocks of other than 2^k positions and GPUs with too
+			// little shared memory per block take attention_flash16 too.
+			bs := cache.BlockSize
+			if variant != "old" && fits && bs > 0 && bs&(bs-1) == 0 {
+				return b.launch(fkey, "attention_flash", [3]uint32{uint32(p.KVHeads * hg), uint32((m.nTiles + nsub - 1) / nsub), 1},
+					[3]uint32{uint32(32 * warps), 1, 1}, uint32(fsmem), o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
+					int32(m.stride), int32(bits.TrailingZeros(uint(bs))), int32(p.Heads), int32(p.KVHeads), float32(scale),
+					m.at(m.tileOff), int32(m.nTiles))
+			}
+			return b.launch(fkey, "attention_flash16", [3]uint32{uint32(p.KVHeads), uint32(m.nTiles), 1},
 				[3]uint32{uint32(32 * g), 1, 1}, 0, o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
 				int32(m.stride), int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), m.at(m.tileOff))
 		}

@@ -400,3 +400,135 @@ func TestLinearLargeActivations(t *testing.T) {
 		p.check(fmt.Sprintf("linear with |x| ~ %g", scale), out, fp8Tol(p, kernels.F8E4M3, 5e-5))
 	}
 }
+
+// TestFlashAttentionTwin runs prefill batches through attention_flash (and,
+// with GLMTOPO_FLASH=old, attention_flash16) against the CPU twin: GLM-4.5
+// Air's group of 12 q heads per kv head at head dim 128 over a 1000-token
+// prompt and a chunked continuation beside a short prompt and a decode
+// token, and groups/dims/block sizes that leave warps idle, put several
+// sequences in one block or fall back to the older kernel.
+func TestFlashAttentionTwin(t *testing.T) {
+	p := newPair(t)
+	for _, fc := range []struct {
+		name             string
+		heads, kv, d, bs int
+		qScale           float32 // large: peaked softmax, the running max moves
+		newTok, cached   []int
+	}{
+		{"air_prompt1000", 24, 2, 128, 16, 4, []int{1000}, []int{0}},
+		{"air_chunked", 24, 2, 128, 16, 4, []int{300, 37, 1}, []int{1000, 0, 77}},
+		{"g16_d128", 32, 2, 128, 16, 1, []int{130, 20}, []int{70, 0}},
+		{"g2_d64_4seqs", 4, 2, 64, 16, 1, []int{70, 33, 16, 5}, []int{0, 20, 200, 9}},
+		{"g3_d64_bs32", 9, 3, 64, 32, 2, []int{50, 45}, []int{3, 100}},
+		{"g5_d32", 10, 2, 32, 16, 1, []int{40, 7, 29}, []int{0, 60, 15}},
+		{"g4_d96", 8, 2, 96, 16, 2, []int{90, 20}, []int{0, 33}},
+		{"g1_d32_bs8", 2, 2, 32, 8, 1, []int{150, 3}, []int{10, 0}},
+		{"g12_d128_bs12", 12, 1, 128, 12, 1, []int{40}, []int{30}}, // not 2^k positions per block: attention_flash16
+	} {
+		t.Run(fc.name, func(t *testing.T) {
+			p := p.sub(t)
+			nblocks := 5
+			for i := range fc.newTok {
+				nblocks += (fc.newTok[i] + fc.cached[i] + fc.bs - 1) / fc.bs
+			}
+			batch := attentionBatch(p, fc.newTok, fc.cached, fc.bs, nblocks)
+			T := batch.Tokens()
+			if tiles := len(prefillTiles(batch)) / 2; tiles*4 > T {
+				t.Fatalf("%d tiles for %d tokens: not the prefill layout", tiles, T)
+			}
+			slots := nblocks * fc.bs
+			hist := [2][]float32{p.randF32(slots*fc.kv*fc.d, 1), p.randF32(slots*fc.kv*fc.d, 1)}
+			var ct, gt [2]*kernels.Tensor
+			for i, h := range hist {
+				for j := range h { // the CPU holds the bf16 values in f32
+					h[j] = math.Float32frombits(math.Float32bits(h[j]) &^ 0xffff)
+				}
+				ct[i] = p.upload(kernels.F32, f32Bytes(h), slots, fc.kv, fc.d).c
+				gt[i] = bf16Tensor(t, p.gpu, h, slots, fc.kv, fc.d)
+			}
+			ccache := &kernels.KVCache{K: ct[0], V: ct[1], BlockSize: fc.bs, KVHeads: fc.kv, HeadDim: fc.d}
+			gcache := &kernels.KVCache{K: gt[0], V: gt[1], BlockSize: fc.bs, KVHeads: fc.kv, HeadDim: fc.d}
+			q := p.f32(fc.qScale, T, fc.heads*fc.d)
+			cm, err := p.cpu.UploadBatch(batch)
+			must(t, "batch", err)
+			gm, err := p.gpu.UploadBatch(batch)
+			must(t, "batch", err)
+			ap := kernels.AttentionParams{Heads: fc.heads, KVHeads: fc.kv, HeadDim: fc.d, Scale: float32(1 / math.Sqrt(float64(fc.d)))}
+			out := p.poisoned(T, fc.heads*fc.d)
+			must(t, "attention", p.cpu.Attention(out.c, q.c, ccache, ap, cm), p.gpu.Attention(out.g, q.g, gcache, ap, gm))
+			p.check("attention_flash", out, 1e-2)
+			t.Setenv("GLMTOPO_FLASH", "old")
+			old := p.poisoned(T, fc.heads*fc.d)
+			must(t, "attention (old)", p.gpu.Attention(old.g, q.g, gcache, ap, gm))
+			p.check("attention_flash16", twin{out.c, old.g}, 1e-2)
+		})
+	}
+}
+
+// BenchmarkFlashAttentionAir times causal prefill attention at GLM-4.5 Air's
+// shapes (96 q heads, 8 kv heads, head dim 128, bf16 cache in blocks of 16)
+// over one 8192-token prompt, for attention_flash ("new") and
+// attention_flash16 ("old", GLMTOPO_FLASH=old), in ms per layer and TFLOP/s
+// of causal attention (4·heads·d·T²/2). Run with -test.bench FlashAttentionAir
+// -test.benchtime 20x.
+func BenchmarkFlashAttentionAir(b *testing.B) {
+	const heads, kv, d, T, bs = 96, 8, 128, 8192, 16
+	g := gpu(b, Options{})
+	tensor := func(dt kernels.DType, seed uint64, shape ...int) *kernels.Tensor {
+		x, err := g.NewTensor(dt, shape...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := g.Fill(x, seed, 1); err != nil {
+			b.Fatal(err)
+		}
+		return x
+	}
+	q, out := tensor(kernels.F32, 1, T, heads*d), tensor(kernels.F32, 2, T, heads*d)
+	cache := &kernels.KVCache{K: tensor(kernels.BF16, 3, T, kv, d), V: tensor(kernels.BF16, 4, T, kv, d), BlockSize: bs, KVHeads: kv, HeadDim: d}
+	batch := &kernels.Batch{BlockTables: [][]int32{make([]int32, T/bs)}, ContextLens: []int32{T}}
+	for i := range T / bs {
+		batch.BlockTables[0][i] = int32(T/bs - 1 - i) // blocks out of order, as after some churn
+	}
+	for pos := range T {
+		batch.Positions = append(batch.Positions, int32(pos))
+		batch.SeqIndex = append(batch.SeqIndex, 0)
+		batch.Slots = append(batch.Slots, batch.BlockTables[0][pos/bs]*bs+int32(pos%bs))
+	}
+	meta, err := g.UploadBatch(batch)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ap := kernels.AttentionParams{Heads: heads, KVHeads: kv, HeadDim: d, Scale: float32(1 / math.Sqrt(d))}
+	for _, kernel := range []string{"new", "old"} {
+		b.Run(kernel, func(b *testing.B) {
+			if kernel == "old" {
+				b.Setenv("GLMTOPO_FLASH", "old")
+			}
+			if err := g.Attention(out, q, cache, ap, meta); err != nil { // compile, load, warm up
+				b.Fatal(err)
+			}
+			tm, err := g.NewTimer()
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer tm.Close()
+			b.ResetTimer()
+			must2 := func(err error) {
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			must2(tm.Start())
+			for range b.N {
+				must2(g.Attention(out, q, cache, ap, meta))
+			}
+			must2(tm.Stop())
+			sec, err := tm.Seconds()
+			must2(err)
+			per := sec / float64(b.N)
+			b.ReportMetric(per*1e3, "ms/layer")
+			b.ReportMetric(4*heads*d*float64(T)*T/2/per/1e12, "TFLOP/s")
+		})
+	}
+}
