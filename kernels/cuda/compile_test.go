@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"regexp"
+	"strings"
 	"testing"
 )
 
@@ -11,7 +12,8 @@ import (
 // NVRTC alone: no driver or GPU is needed, so machines with only the
 // compiler library (libnvrtc) catch source errors before device time is
 // spent. With GLMTOPO_PTXAS_VERBOSE=1 it logs ptxas' register and spill
-// counts per kernel.
+// counts per kernel; GLMTOPO_CUDA_DEFINES (as the backend reads it) adds
+// tuning macros to the ops module, to check a sweep's variants.
 func TestKernelsCompile(t *testing.T) {
 	n, err := loadNVRTC()
 	if errors.Is(err, ErrNoCUDA) {
@@ -25,7 +27,7 @@ func TestKernelsCompile(t *testing.T) {
 		src     string
 		defines []string
 	}{
-		{"ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu"), nil},
+		{"ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu"), strings.Fields(os.Getenv(definesEnv))},
 		{"attn_g12_d128", source("common.cuh", "attention.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},
 		{"attn_g3_d64_f32", source("common.cuh", "attention.cu"), []string{"ATT_G=3", "ATT_D=64", "KV_BF16=0"}},
 		{"flash_g12_d128", source("common.cuh", "attention.cu", "flash.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},

@@ -27,7 +27,11 @@
 #define SG_STAGES 3
 #endif
 #ifndef SG_MINB
-#define SG_MINB 2 // blocks per SM the register budget must allow
+// Blocks per SM the register budget must allow: 3 (≤ 85 registers, a few
+// bytes of spills in the gate/up kernels) beat 2 on every decode row of
+// the step benchmarks (H200, 2026-11-27: e.g. GLM-4.5 fp8 batch 64 41% → 45%
+// of the floor), the extra warps hiding the loads' latency.
+#define SG_MINB 3
 #endif
 #ifndef SG_WPB
 #define SG_WPB 8 // warps per block: they read interleaved chunks of the same rows
