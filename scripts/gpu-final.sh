@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for a round's record: every GPU test, the step benchmarks of
 # docs/perf-cuda.md (JSON) and the prefill rows with --fast-gemm. Run after
-# `scripts/gpu-test.sh build` and `go test -c -o bin/gpu/parallel.test ./parallel`.
+# `scripts/gpu-test.sh build`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 GLMTOPO_CUDA_CACHE=${GLMTOPO_CUDA_CACHE:-/tmp/glmtopo-cuda-cache}
