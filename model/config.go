@@ -348,3 +348,34 @@ func (c *Config) WithLayers(n int) (*Config, error) {
 	}
 	return d, nil
 }
+
+// WithOverrides returns the config that results from merging the top-level
+// fields of the JSON object overrides into c's config.json, as vLLM's
+// --hf-overrides does ('{"num_hidden_layers": 4}' for a shallow test model);
+// the result is validated like any config.json.
+func (c *Config) WithOverrides(overrides string) (*Config, error) {
+	var over map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(overrides), &over); err != nil {
+		return nil, fmt.Errorf("hf overrides %q: not a JSON object: %w", overrides, err)
+	}
+	data, err := c.JSON()
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(data, &m); err != nil {
+		return nil, fmt.Errorf("hf overrides: %w", err)
+	}
+	for k, v := range over {
+		m[k] = v
+	}
+	merged, err := json.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("hf overrides: %w", err)
+	}
+	d, err := ParseConfig(merged)
+	if err != nil {
+		return nil, fmt.Errorf("hf overrides %s: %w", overrides, err)
+	}
+	return d, nil
+}

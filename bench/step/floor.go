@@ -3,6 +3,7 @@ package step
 import (
 	"fmt"
 
+	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
 )
 
@@ -143,4 +144,19 @@ func mean(v []int) float64 {
 		s += x
 	}
 	return float64(s) / float64(len(v))
+}
+
+// tensorBytes is what reading t (and its scale) costs.
+func tensorBytes(ts ...*kernels.Tensor) int64 {
+	var n int64
+	for _, t := range ts {
+		if t == nil {
+			continue
+		}
+		n += int64(t.Elements() * t.DType.Size())
+		if t.Scale != nil {
+			n += int64(t.Scale.Elements() * t.Scale.DType.Size())
+		}
+	}
+	return n
 }

@@ -256,13 +256,15 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 	if rep.GemmFLOPS, err = be.GemmFLOPS(8192, 8192, 8192, 10); err != nil {
 		return nil, fmt.Errorf("gemm throughput: %w", err)
 	}
-	dw := newDummy(be, cfg)
-	defer dw.free()
 	fmt.Fprintf(log, "bench step: making %d layers of %s weights on the GPU\n", cfg.NumHiddenLayers, o.Model)
-	if b.w, err = dw.weights(); err != nil {
+	// Every layer, the embedding, final norm and lm_head; no MTP layer.
+	w, freeWeights, err := model.DummyWeights(cfg, model.Selection{EndLayer: cfg.NumHiddenLayers, Embedding: true, LMHead: true}, be, 0)
+	if err != nil {
 		return nil, err
 	}
-	rep.WeightBytes = tensorBytes(dw.all...)
+	defer freeWeights()
+	b.w = w
+	rep.WeightBytes = w.Bytes
 	if err := b.makeCaches(); err != nil {
 		return nil, err
 	}

@@ -13,7 +13,9 @@ import (
 
 func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("generate", stderr)
-	dir := fs.String("model", "", "checkpoint directory (required)")
+	dir := fs.String("model", "", "checkpoint directory, or with --load-format dummy a preset name (required)")
+	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights of the config's shapes, as vLLM's)")
+	overrides := fs.String("hf-overrides", "", `JSON object merged into config.json, e.g. '{"num_hidden_layers": 4}' (as vLLM's)`)
 	ids := fs.String("prompt-ids", "", "comma-separated prompt token ids (required)")
 	maxNew := fs.Int("max-new-tokens", 16, "tokens to generate")
 	temp := fs.Float64("temperature", 0, "sampling temperature (0 = greedy)")
@@ -28,7 +30,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	if *dir == "" || *ids == "" {
-		fmt.Fprintln(stderr, "usage: glmtopo generate --model DIR --prompt-ids 1,2,3 [--max-new-tokens N] [--temperature T] [--json]")
+		fmt.Fprintln(stderr, "usage: glmtopo generate --model DIR|PRESET --prompt-ids 1,2,3 [--load-format dummy] [--hf-overrides JSON] [--max-new-tokens N] [--temperature T] [--json]")
 		return errUsage
 	}
 	var prompt []int
@@ -44,7 +46,8 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer be.Close()
-	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16, KVDType: kv, EnforceEager: *eager}, nil)
+	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
+	eng, closeEngine, err := parallel.Open(ctx, src, be, parallel.EngineOptions{MaxTokens: len(prompt) + *maxNew + 16, KVDType: kv, EnforceEager: *eager}, nil)
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/parallel"
 	"os"
 	"path/filepath"
 	"strings"
@@ -94,6 +96,33 @@ func TestSynthFullSizeGLM45TwoLayers(t *testing.T) {
 	}
 }
 
+// TestGenerateDummyWeights: --load-format dummy builds a preset's model
+// from generated weights (no checkpoint), --hf-overrides reshapes it, and
+// the same seed gives the same tokens.
+func TestGenerateDummyWeights(t *testing.T) {
+	var first string
+	for _, args := range [][]string{
+		{"--model", "tiny"},
+		{"--model", "tiny"},
+		{"--model", "tiny-fp8", "--hf-overrides", `{"num_hidden_layers": 2, "first_k_dense_replace": 1}`},
+	} {
+		out, errs, code := runCLI(t, append(append([]string{"generate", "--load-format", "dummy"}, args...),
+			"--prompt-ids", "1005,1007,12", "--max-new-tokens", "5", "--ignore-eos", "--json")...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, code, errs)
+		}
+		var got struct{ IDs []int }
+		if err := json.Unmarshal([]byte(out), &got); err != nil || len(got.IDs) != 5 {
+			t.Fatalf("%v: want 5 ids, got %q (%v)", args, out, err)
+		}
+		if first == "" {
+			first = out
+		} else if args[1] == "tiny" && out != first {
+			t.Errorf("dummy weights are not a function of the seed: %s vs %s", out, first)
+		}
+	}
+}
+
 func TestCLIErrors(t *testing.T) {
 	cases := []struct {
 		args []string
@@ -107,11 +136,37 @@ func TestCLIErrors(t *testing.T) {
 		{[]string{"model", "inspect", "glm-9"}, 1, "neither a preset"},
 		{[]string{"model", "synth", "--preset", "nope", "--out", "/tmp/x"}, 1, "unknown preset"},
 		{[]string{"model", "synth", "--dtype", "int4", "--out", "/tmp/glmtopo-int4"}, 1, "int4"},
+		{[]string{"generate", "--model", "tiny", "--prompt-ids", "1"}, 1, "presets need --load-format dummy"},
+		{[]string{"generate", "--model", "tiny", "--load-format", "gguf", "--prompt-ids", "1"}, 1, "want auto, safetensors or dummy"},
+		{[]string{"generate", "--model", "tiny", "--load-format", "dummy", "--hf-overrides", "layers=2", "--prompt-ids", "1"}, 1, "not a JSON object"},
+		{[]string{"generate", "--model", "tiny", "--load-format", "dummy", "--hf-overrides", `{"num_hidden_layers": 0}`, "--prompt-ids", "1"}, 1, "num_hidden_layers"},
+		{[]string{"serve", "--model", "glm-4.5-air", "--load-format", "dummy"}, 1, "give --tokenizer"},
 	}
 	for _, c := range cases {
 		out, errs, code := runCLI(t, c.args...)
 		if code != c.code || !strings.Contains(out+errs, c.want) {
 			t.Errorf("%v: exit %d, output %q; want exit %d mentioning %q", c.args, code, out+errs, c.code, c.want)
 		}
+	}
+}
+
+func TestServeTokenizerForDummyModels(t *testing.T) {
+	tok, err := loadTokenizer("", parallel.ModelSource{Path: "tiny-fp8", LoadFormat: "dummy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ids := tok.Encode("hello"); len(ids) == 0 {
+		t.Fatal("the tiny preset's tokenizer encoded nothing")
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "tokenizer.json"), model.TinyTokenizerJSON(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadTokenizer("", parallel.ModelSource{Path: dir, LoadFormat: "dummy"}); err != nil {
+		t.Errorf("a model directory's tokenizer: %v", err)
+	}
+	empty := t.TempDir()
+	if _, err := loadTokenizer("", parallel.ModelSource{Path: empty}); err == nil || !strings.Contains(err.Error(), "tokenizer.json") {
+		t.Errorf("a directory without a tokenizer: %v", err)
 	}
 }

@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
+	"strings"
 
+	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/parallel"
 	"github.com/glmtopo/glmtopo/serve"
 	"github.com/glmtopo/glmtopo/serve/tokenizer"
@@ -18,8 +21,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs := newFlags("serve", stderr)
 	cfg := serve.DefaultConfig()
 	cfg.RegisterFlags(fs)
-	dir := fs.String("model", "", "checkpoint directory with config.json, shards and tokenizer.json (required)")
-	tokDir := fs.String("tokenizer", "", "directory or tokenizer.json (default: the model directory)")
+	dir := fs.String("model", "", "checkpoint directory with config.json, shards and tokenizer.json, or with --load-format dummy a preset name (required)")
+	tokDir := fs.String("tokenizer", "", "directory or tokenizer.json (default: the model directory; the tiny presets carry theirs)")
+	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights of the config's shapes, as vLLM's)")
+	overrides := fs.String("hf-overrides", "", `JSON object merged into config.json, e.g. '{"num_hidden_layers": 4}' (as vLLM's)`)
 	kvTokens := fs.Int("kv-cache-tokens", 0, "tokens the paged KV cache holds (default: max-model-len × 8)")
 	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
 	batched := fs.Int("max-num-batched-tokens", 2048, "prompt tokens prefilled per engine step (chunked prefill budget)")
@@ -28,7 +33,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	if *dir == "" || fs.NArg() != 0 {
-		fmt.Fprintln(stderr, "usage: glmtopo serve --model DIR [--port 8000] [--max-model-len N] [--tool-call-parser glm45] ...")
+		fmt.Fprintln(stderr, "usage: glmtopo serve --model DIR [--load-format dummy] [--port 8000] [--max-model-len N] [--tool-call-parser glm45] ...")
 		return errUsage
 	}
 	named := false
@@ -40,10 +45,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if !named { // like vLLM: clients address the model by the name it was served from
 		cfg.ServedModelNames = []string{filepath.Base(filepath.Clean(*dir))}
 	}
-	if *tokDir == "" {
-		*tokDir = *dir
-	}
-	tok, err := tokenizer.Load(*tokDir)
+	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
+	tok, err := loadTokenizer(*tokDir, src)
 	if err != nil {
 		return err
 	}
@@ -60,7 +63,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer be.Close()
-	eng, closeEngine, err := parallel.OpenEngine(ctx, *dir, be, parallel.EngineOptions{MaxTokens: *kvTokens, KVDType: kv, EnforceEager: *eager}, progress(stderr, "load"))
+	eng, closeEngine, err := parallel.Open(ctx, src, be, parallel.EngineOptions{MaxTokens: *kvTokens, KVDType: kv, EnforceEager: *eager}, progress(stderr, "load"))
 	if err != nil {
 		return err
 	}
@@ -74,4 +77,19 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	slog.Info("serving", "addr", cfg.Addr(), "model", cfg.ServedModelNames, "max_model_len", srv.MaxModelLen(), "engine", eng.BE.Name())
 	return srv.ListenAndServe(ctx)
+}
+
+// loadTokenizer reads path, else the model directory's tokenizer.json; a
+// dummy model named by a tiny preset uses the tokenizer the preset carries.
+func loadTokenizer(path string, src parallel.ModelSource) (*tokenizer.Tokenizer, error) {
+	if path != "" {
+		return tokenizer.Load(path)
+	}
+	if st, err := os.Stat(src.Path); err == nil && st.IsDir() {
+		return tokenizer.Load(src.Path)
+	}
+	if base, _ := strings.CutSuffix(strings.ToLower(src.Path), "-fp8"); base == "tiny" {
+		return tokenizer.FromJSON(model.TinyTokenizerJSON())
+	}
+	return nil, fmt.Errorf("model %q has no tokenizer.json: give --tokenizer (GLM-4.5's tokenizer.json or its directory)", src.Path)
 }

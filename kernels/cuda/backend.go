@@ -119,7 +119,10 @@ type Backend struct {
 	fp8Chunk int
 }
 
-var _ kernels.Backend = (*Backend)(nil)
+var (
+	_ kernels.Backend = (*Backend)(nil)
+	_ kernels.Filler  = (*Backend)(nil)
+)
 
 // New opens device opt.Device. It fails with an error wrapping ErrNoCUDA
 // when the driver, NVRTC or a device is missing.
