@@ -171,3 +171,25 @@ func TestQuantizationIgnore(t *testing.T) {
 		}
 	}
 }
+
+func TestWithOverrides(t *testing.T) {
+	c, err := Preset("glm-4.5-fp8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.WithOverrides(`{"num_hidden_layers": 4, "num_nextn_predict_layers": 0}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.NumHiddenLayers != 4 || d.HasMTP() || d.Quantization == nil || d.HiddenSize != c.HiddenSize {
+		t.Fatalf("overridden config: layers %d, mtp %v, quantization %v, hidden %d", d.NumHiddenLayers, d.HasMTP(), d.Quantization != nil, d.HiddenSize)
+	}
+	if c.NumHiddenLayers != 92 {
+		t.Fatalf("the original changed: %d layers", c.NumHiddenLayers)
+	}
+	for _, bad := range []string{`[1]`, `{"hidden_size": "wide"}`, `{"num_attention_heads": 7}`} {
+		if _, err := c.WithOverrides(bad); err == nil {
+			t.Errorf("overrides %s: no error", bad)
+		}
+	}
+}
