@@ -270,15 +270,16 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 }
 
 // Sample picks one token per row: greedy rows on the device (argmax);
-// with any sampled row the logits come to the host and the CPU reference
-// sampler decides, so every backend draws the same token from the same U.
+// with any sampled row, or any banned id, the logits come to the host and
+// the CPU reference sampler decides, so every backend draws the same token
+// from the same U.
 func (b *Backend) Sample(logits *kernels.Tensor, params []kernels.SampleParams) ([]int32, error) {
 	if logits == nil || logits.Rows() != len(params) {
 		return nil, fmt.Errorf("cuda: sample: logits rows and %d params differ", len(params))
 	}
 	greedy := true
 	for _, p := range params {
-		greedy = greedy && p.Temperature <= 0
+		greedy = greedy && p.Temperature <= 0 && len(p.Ban) == 0
 	}
 	if greedy {
 		ids, err := b.NewTensor(kernels.I32, len(params))
@@ -295,10 +296,5 @@ func (b *Backend) Sample(logits *kernels.Tensor, params []kernels.SampleParams) 
 	if err != nil {
 		return nil, err
 	}
-	v := logits.Cols()
-	out := make([]int32, len(params))
-	for r, p := range params {
-		out[r] = int32(cpu.SampleRow(lg[r*v:(r+1)*v], p))
-	}
-	return out, nil
+	return cpu.SampleRows(lg, logits.Cols(), params), nil
 }
