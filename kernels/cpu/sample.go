@@ -85,7 +85,7 @@ func SampleRow(row []float32, p kernels.SampleParams) int {
 	for _, x := range row {
 		m = max(m, float64(x))
 	}
-	cand := make([]int32, 0, 1024)
+	cand := make([]int32, 0, len(row))
 	for i, x := range row {
 		if (float64(x)-m)*inv >= -negligible || len(row) > 1<<18 {
 			cand = append(cand, int32(i))
