@@ -164,6 +164,21 @@ type SampleParams struct {
 	Ban []int32
 }
 
+// SharedExpertMoE is an optional Backend extension: MoE with the layer's
+// shared expert (an MLP shaped like a routed expert) in the same grouped
+// kernels, out = Σ routed + shared(x). Where it cannot fuse them it reports
+// false having done nothing, and the caller runs MoE and the MLP itself.
+type SharedExpertMoE interface {
+	MoEWithShared(out, x, ids, weights *Tensor, experts []*Expert, shared *Expert) (bool, error)
+}
+
+// MultiLinear is an optional Backend extension: Linear layers of one input
+// (q, k and v) in one pass, outs[i] = x·ws[i]ᵀ (+biases[i]; nil: none). Where
+// it cannot fuse them it reports false having done nothing.
+type MultiLinear interface {
+	LinearMulti(outs []*Tensor, x *Tensor, ws, biases []*Tensor) (bool, error)
+}
+
 // Backend is a device that owns tensors and runs GLM-4.5's operations.
 // Calls may be asynchronous; Download and Sample synchronise.
 // Shapes: activations are F32 [T, width] with T tokens.

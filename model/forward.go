@@ -88,9 +88,17 @@ func (f *Forward) attention(lw *LayerWeights, xn *kernels.Tensor, cache *kernels
 	if f.err != nil {
 		return nil
 	}
-	f.do("q_proj", f.BE.Linear(q, xn, lw.Q, lw.QBias))
-	f.do("k_proj", f.BE.Linear(k, xn, lw.K, lw.KBias))
-	f.do("v_proj", f.BE.Linear(v, xn, lw.V, lw.VBias))
+	fused := false
+	if ml, ok := f.BE.(kernels.MultiLinear); ok {
+		var err error
+		fused, err = ml.LinearMulti([]*kernels.Tensor{q, k, v}, xn, []*kernels.Tensor{lw.Q, lw.K, lw.V}, []*kernels.Tensor{lw.QBias, lw.KBias, lw.VBias})
+		f.do("q/k/v_proj", err)
+	}
+	if !fused {
+		f.do("q_proj", f.BE.Linear(q, xn, lw.Q, lw.QBias))
+		f.do("k_proj", f.BE.Linear(k, xn, lw.K, lw.KBias))
+		f.do("v_proj", f.BE.Linear(v, xn, lw.V, lw.VBias))
+	}
 	rope := kernels.RopeParams{Heads: c.NumAttentionHeads, HeadDim: c.HeadDim, RotaryDim: c.RotaryDim(), Theta: c.RopeTheta}
 	if f.err == nil {
 		f.do("qk-norm/rope/kv-write", f.BE.QKNormRopeKV(q, k, v, lw.QNorm, lw.KNorm, float32(c.RMSNormEps), rope, c.NumKeyValueHeads, cache, f.Meta))
@@ -139,6 +147,13 @@ func (f *Forward) moe(lw *LayerWeights, xn *kernels.Tensor) *kernels.Tensor {
 		TopKGroups: c.TopKGroup, NormTopK: c.NormTopKProb, Scale: float32(c.RoutedScalingFactor)}
 	if f.err == nil {
 		f.do("route", f.BE.Route(ids, wts, logits, lw.RouterBias, rp))
+	}
+	if sm, ok := f.BE.(kernels.SharedExpertMoE); ok && lw.SharedGate != nil && f.err == nil {
+		done, err := sm.MoEWithShared(routed, xn, ids, wts, lw.Experts, &kernels.Expert{Gate: lw.SharedGate, Up: lw.SharedUp, Down: lw.SharedDown})
+		f.do("experts with shared expert", err)
+		if done || f.err != nil {
+			return routed
+		}
 	}
 	if f.err == nil {
 		f.do("experts", f.BE.MoE(routed, xn, ids, wts, lw.Experts))

@@ -98,3 +98,20 @@ func (b arenaBackend) NewTensor(dt kernels.DType, shape ...int) (*kernels.Tensor
 }
 
 func (arenaBackend) Free(*kernels.Tensor) {}
+
+// MoEWithShared passes the optional fused MoE through (the embedded
+// interface would hide it, and captured steps must run what eager ones run).
+func (b arenaBackend) MoEWithShared(out, x, ids, w *kernels.Tensor, ex []*kernels.Expert, sh *kernels.Expert) (bool, error) {
+	if sm, ok := b.Backend.(kernels.SharedExpertMoE); ok {
+		return sm.MoEWithShared(out, x, ids, w, ex, sh)
+	}
+	return false, nil
+}
+
+// LinearMulti passes the optional fused Linear through, as MoEWithShared.
+func (b arenaBackend) LinearMulti(outs []*kernels.Tensor, x *kernels.Tensor, ws, biases []*kernels.Tensor) (bool, error) {
+	if ml, ok := b.Backend.(kernels.MultiLinear); ok {
+		return ml.LinearMulti(outs, x, ws, biases)
+	}
+	return false, nil
+}

@@ -77,6 +77,26 @@ func (p *profiler) MoE(out, x, ids, w *kernels.Tensor, ex []*kernels.Expert) err
 	return p.time("moe experts", func() error { return p.Backend.MoE(out, x, ids, w, ex) })
 }
 
+func (p *profiler) MoEWithShared(out, x, ids, w *kernels.Tensor, ex []*kernels.Expert, sh *kernels.Expert) (bool, error) {
+	var done bool
+	err := p.time("moe experts + shared", func() error {
+		var err error
+		done, err = p.Backend.MoEWithShared(out, x, ids, w, ex, sh)
+		return err
+	})
+	return done, err
+}
+
+func (p *profiler) LinearMulti(outs []*kernels.Tensor, x *kernels.Tensor, ws, bs []*kernels.Tensor) (bool, error) {
+	var done bool
+	err := p.time("linear x"+fmt.Sprint(len(ws))+" "+shape(ws[0]), func() error {
+		var err error
+		done, err = p.Backend.LinearMulti(outs, x, ws, bs)
+		return err
+	})
+	return done, err
+}
+
 func (p *profiler) print(w io.Writer, title string) {
 	names := make([]string, 0, len(p.total))
 	var sum float64

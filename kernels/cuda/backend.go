@@ -19,7 +19,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 )
 
-//go:embed src/common.cuh src/ops.cu src/mma.cu src/gemv.cu src/attention.cu src/flash.cu
+//go:embed src/common.cuh src/ops.cu src/mma.cu src/gemv.cu src/wgemv.cu src/attention.cu src/flash.cu
 var srcFS embed.FS
 
 func source(names ...string) string {
@@ -71,6 +71,14 @@ type Options struct {
 	// twice their tensor-core work and activation reads, for comparisons
 	// with the f32 CPU reference.
 	ExactFP8Activations bool
+	// NoPDL launches eager kernels without programmatic dependent launch
+	// (on Hopper and later each kernel is otherwise allowed to start while
+	// its predecessor drains, waiting for its results in its first
+	// instruction; captured graphs never use it); kept for A/B measurements.
+	NoPDL bool
+	// NoWideGemv keeps e4m3 Linear layers of 17–64 tokens on the streamed
+	// kernel (16 tokens per pass) instead of wg_linear_fp8; for A/B runs.
+	NoWideGemv bool
 }
 
 // Backend is one GPU: its primary context, one stream, a caching allocator
@@ -97,13 +105,19 @@ type Backend struct {
 	resident map[string]int
 	errFlag  *buf
 	blasWS   *buf
-	// sgCounters are the streamed GEMVs' split-K arrival counters (zero
-	// between kernels: the last warp of each group resets its own).
+	// sgCounters are the streamed GEMVs' split-K arrival counters, then
+	// argmax_split's per row (zero between kernels: the last arrival resets).
 	sgCounters *buf
 	smemOptin  int32 // shared memory a block may opt in to (0: not read yet)
 
 	argVals [40]uint64
 	argPtrs [40]uintptr
+	// pdl: kernels launch with programmatic stream serialization (sm_90+,
+	// driver with cuLaunchKernelEx, not Options.NoPDL); launchCfg and
+	// launchAttr are the launch's argument memory.
+	pdl        bool
+	launchCfg  launchConfig
+	launchAttr launchAttribute
 
 	metas    [4]*buf
 	metaNext int
@@ -177,6 +191,7 @@ func (b *Backend) open() error {
 		return fmt.Errorf("cuda: %s has compute capability %d.%d; glmtopo needs 8.0 or newer (bf16)", b.name, major, minor)
 	}
 	b.arch = fmt.Sprintf("sm_%d%d", major, minor)
+	b.pdl = major >= 9 && d.launchKernelEx != 0 && !b.opt.NoPDL && os.Getenv("GLMTOPO_PDL") != "0"
 	b.sms = attr(attrMultiprocessorCount)
 	d.cuDriverGetVersion(&b.driverVersion)
 	if err := d.check(d.cuDevicePrimaryCtxRetain(&b.ctx, b.dev), "cuDevicePrimaryCtxRetain"); err != nil {
@@ -198,15 +213,15 @@ func (b *Backend) open() error {
 	if err := d.check(d.cuMemsetD32Async(b.errFlag.ptr, 0, 1, b.stream), "clear error flag"); err != nil {
 		return err
 	}
-	if b.sgCounters, err = b.pool.alloc(4 * sgMaxCounters); err != nil {
+	if b.sgCounters, err = b.pool.alloc(4 * (sgMaxCounters + argmaxMaxRows)); err != nil {
 		return err
 	}
-	if err := d.check(d.cuMemsetD32Async(b.sgCounters.ptr, 0, sgMaxCounters, b.stream), "clear gemv counters"); err != nil {
+	if err := d.check(d.cuMemsetD32Async(b.sgCounters.ptr, 0, sgMaxCounters+argmaxMaxRows, b.stream), "clear gemv counters"); err != nil {
 		return err
 	}
 	// GLMTOPO_CUDA_DEFINES (space-separated NAME=VALUE) overrides the kernels'
 	// tuning macros, for sweeps on a new GPU without rebuilding.
-	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
+	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu", "wgemv.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
 		return err
 	}
 	if !b.opt.NoCublas {
@@ -337,7 +352,25 @@ func (b *Backend) launch(key, name string, grid, block [3]uint32, smem uint32, a
 			return nil // nothing to do
 		}
 	}
-	r := b.d.launch(f, grid, block, smem, b.stream, unsafe.Pointer(&b.argPtrs[0]))
+	var r int32
+	// Eager steps only: inside captured decode graphs it measured slower
+	// (H200, same binary: Air fp8 5.52 → 5.80 ms at batch 16, GLM-4.5 fp8
+	// 9.38 → 9.73 ms at batch 64), eager steps faster (Air fp8 batch 1
+	// 1.94 → 1.82 ms).
+	if b.pdl && !b.capturing {
+		b.launchAttr.id = launchAttrProgrammaticStreamSerialization
+		b.launchAttr.val[0] = 1
+		b.launchCfg = launchConfig{grid: grid, block: block, smem: smem, stream: b.stream, attrs: &b.launchAttr, numAttrs: 1}
+		r = b.d.launchPDL(f, &b.launchCfg, unsafe.Pointer(&b.argPtrs[0]))
+		if r == errInvalidValue {
+			// A driver that refuses the attribute: launch plainly from now on.
+			slog.Warn("cuda: programmatic dependent launch refused; launching without it", "kernel", name)
+			b.pdl = false
+			r = b.d.launch(f, grid, block, smem, b.stream, unsafe.Pointer(&b.argPtrs[0]))
+		}
+	} else {
+		r = b.d.launch(f, grid, block, smem, b.stream, unsafe.Pointer(&b.argPtrs[0]))
+	}
 	runtime.KeepAlive(b)
 	if r != 0 {
 		return b.d.check(r, "launch "+name)

@@ -15,6 +15,7 @@ type driver struct {
 	lib uintptr
 
 	launchKernel, ctxSetCurrent, graphLaunch, eventRecord uintptr
+	launchKernelEx                                        uintptr // 0 where the driver lacks it (before CUDA 12)
 
 	cuInit                                      func(flags uint32) int32
 	cuDriverGetVersion                          func(v *int32) int32
@@ -77,6 +78,9 @@ func openDriver() (*driver, error) {
 		"cuGraphLaunch": &d.graphLaunch, "cuEventRecord": &d.eventRecord,
 	}); err != nil {
 		return nil, err
+	}
+	if p, err := sym(lib, name, "cuLaunchKernelEx"); err == nil {
+		d.launchKernelEx = p
 	}
 	fns := []struct {
 		fptr any
@@ -155,6 +159,42 @@ func (d *driver) launch(f uintptr, grid, block [3]uint32, smem uint32, stream ui
 		uintptr(smem), stream, uintptr(params), 0)
 	return int32(r)
 }
+
+// launchConfig mirrors CUlaunchConfig (cuda.h): grid, block, shared
+// memory, stream and an attribute array.
+type launchConfig struct {
+	grid, block [3]uint32
+	smem        uint32
+	_           uint32
+	stream      uintptr
+	attrs       *launchAttribute
+	numAttrs    uint32
+	_           uint32
+}
+
+// launchAttribute mirrors CUlaunchAttribute: an id and a 64-byte value.
+type launchAttribute struct {
+	id  uint32
+	_   uint32
+	val [64]byte
+}
+
+// launchAttrProgrammaticStreamSerialization is
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: the kernel may
+// launch before its predecessor in the stream completes (programmatic
+// dependent launch); it must run griddepcontrol.wait before using that
+// kernel's results, as every kernel here does first (pdl_start in common.cuh).
+const launchAttrProgrammaticStreamSerialization = 6
+
+// launchPDL runs cuLaunchKernelEx with cfg (which holds the PDL attribute);
+// cfg and params live in memory the caller keeps alive and unmoved.
+func (d *driver) launchPDL(f uintptr, cfg *launchConfig, params unsafe.Pointer) int32 {
+	r, _, _ := purego.SyscallN(d.launchKernelEx, uintptr(unsafe.Pointer(cfg)), f, uintptr(params), 0)
+	return int32(r)
+}
+
+// errInvalidValue is CUDA_ERROR_INVALID_VALUE.
+const errInvalidValue = 1
 
 // Device attributes used here (CUdevice_attribute).
 const (

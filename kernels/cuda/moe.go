@@ -10,9 +10,10 @@ import (
 
 // expertKey identifies a layer's expert list (the slice's backing array).
 type expertKey struct {
-	first *kernels.Expert
-	ptr   uintptr
-	n     int
+	first  *kernels.Expert
+	ptr    uintptr
+	n      int
+	shared *kernels.Tensor // the shared expert's gate weight, when it is appended
 }
 
 // expertTable is a device array of ExpertPtrs (gate/up/down weights and
@@ -31,11 +32,17 @@ type expertTable struct {
 	gate, up, down []weightInfo
 }
 
-func (b *Backend) expertTableFor(experts []*kernels.Expert, hidden int) (*expertTable, error) {
+// expertTableFor makes (once per expert list) the device table of a
+// layer's experts; a non-nil shared expert is appended as entry len(experts).
+func (b *Backend) expertTableFor(experts []*kernels.Expert, shared *kernels.Expert, hidden int) (*expertTable, error) {
 	if len(experts) == 0 {
 		return nil, fmt.Errorf("cuda: moe: empty expert list")
 	}
 	key := expertKey{first: experts[0], ptr: uintptr(unsafe.Pointer(&experts[0])), n: len(experts)}
+	if shared != nil {
+		key.shared = shared.Gate
+		experts = append(experts[:len(experts):len(experts)], shared)
+	}
 	if t, ok := b.experts[key]; ok {
 		return t, nil
 	}
@@ -98,44 +105,75 @@ func (b *Backend) expertTableFor(experts []*kernels.Expert, hidden int) (*expert
 // MoE: plan (sort assignments by expert) → fused gate/up + SwiGLU per
 // active expert → down per active expert → weighted combine in top-k order.
 func (b *Backend) MoE(out, x, ids, weights *kernels.Tensor, experts []*kernels.Expert) error {
+	_, err := b.moe(out, x, ids, weights, experts, nil)
+	return err
+}
+
+// MoEWithShared (kernels.SharedExpertMoE): on the streamed decode path the
+// shared expert joins the routed ones as one more expert that every token
+// takes with weight 1 (no separate split, GEMVs, SwiGLU and add: seven
+// launches fewer per layer); elsewhere it reports false and does nothing.
+func (b *Backend) MoEWithShared(out, x, ids, weights *kernels.Tensor, experts []*kernels.Expert, shared *kernels.Expert) (bool, error) {
+	if shared == nil || shared.Gate == nil || shared.Up == nil || shared.Down == nil {
+		return false, nil
+	}
+	return b.moe(out, x, ids, weights, experts, shared)
+}
+
+func (b *Backend) moe(out, x, ids, weights *kernels.Tensor, experts []*kernels.Expert, shared *kernels.Expert) (bool, error) {
 	op, err := ptrOf(out, kernels.F32, "moe output")
 	if err != nil {
-		return err
+		return false, err
 	}
 	xp, err := ptrOf(x, kernels.F32, "moe input")
 	if err != nil {
-		return err
+		return false, err
 	}
 	ip, err := ptrOf(ids, kernels.I32, "expert ids")
 	if err != nil {
-		return err
+		return false, err
 	}
 	wp, err := ptrOf(weights, kernels.F32, "expert weights")
 	if err != nil {
-		return err
+		return false, err
 	}
 	h, T := x.Cols(), x.Rows()
 	if out.Cols() != h || out.Rows() != T || T == 0 || ids.Elements()%T != 0 || weights.Elements() != ids.Elements() {
-		return fmt.Errorf("cuda: moe shapes: x %v out %v ids %d", x.Shape, out.Shape, ids.Elements())
+		return false, fmt.Errorf("cuda: moe shapes: x %v out %v ids %d", x.Shape, out.Shape, ids.Elements())
 	}
 	k := ids.Elements() / T
-	A := T * k
-	E := len(experts)
-	if E > 8192 {
-		return fmt.Errorf("cuda: moe: %d experts", E)
+	if len(experts)+1 > 8192 {
+		return false, fmt.Errorf("cuda: moe: %d experts", len(experts))
 	}
-	return b.op(func() error {
-		tab, err := b.expertTableFor(experts, h)
+	handled := true
+	err = b.op(func() error {
+		tab, err := b.expertTableFor(experts, nil, h)
 		if err != nil {
 			return err
 		}
+		if shared != nil {
+			// Fused only where the streamed kernels run (and the shared expert
+			// has the routed experts' shape and format); else the caller runs it.
+			if ok, err := b.sharedFits(tab, shared, T, k); !ok || err != nil {
+				handled = false
+				return err
+			}
+			if tab, err = b.expertTableFor(experts, shared, h); err != nil {
+				return err
+			}
+		}
+		E, kv := len(experts), k
+		if shared != nil {
+			E, kv = E+1, k+1
+		}
+		A := T * kv
 		if tab.inter == 0 { // no expert of this list is on this GPU
 			n := int64(T * h)
 			return b.launch("ops", "fill_f32", grid1(n, 1024), b256, 0, op, n, float32(0))
 		}
 		I := tab.inter
 		// Scratch: offsets[E+2], active[E], slot_of[A], perm[A], then h [A,I] and y [A,H].
-		if A >= 16*tab.present && T > b.opt.GemvMaxTokens && b.blas != nil && !b.capturing {
+		if shared == nil && b.moeWideTakes(tab, T, k) {
 			return b.moeWide(op, xp, ip, wp, tab, T, k, E, h)
 		}
 		ints := (E + 2) + E + 2*A
@@ -152,11 +190,11 @@ func (b *Backend) MoE(out, x, ids, weights *kernels.Tensor, experts []*kernels.E
 		hbuf := scratch.ptr + intBytes
 		ybuf := hbuf + uintptr(4*A*I)
 		if err := b.launch("ops", "moe_plan", rows(1), b1024, uint32(4*(E+1)), ip, int32(A), tab.dev.ptr, int32(E),
-			offsets, active, slotOf, perm, uintptr(0), b.errFlag.ptr); err != nil {
+			offsets, active, slotOf, perm, uintptr(0), b.errFlag.ptr, int32(k), int32(kv)); err != nil {
 			return err
 		}
 		if b.sgOK(tab.gate[tab.first]) && b.sgOK(tab.down[tab.first]) {
-			return b.sgMoE(op, xp, wp, tab, T, k, E, h, moePlanBufs{offsets: offsets, active: active, slotOf: slotOf, perm: perm, h: hbuf, y: ybuf})
+			return b.sgMoE(op, xp, wp, tab, T, k, kv, E, h, moePlanBufs{offsets: offsets, active: active, slotOf: slotOf, perm: perm, h: hbuf, y: ybuf})
 		}
 		maxActive := uint32(min(E, A))
 		// An expert gets at most T tokens (top-k ids are distinct). A chunk
@@ -196,7 +234,7 @@ func (b *Backend) MoE(out, x, ids, weights *kernels.Tensor, experts []*kernels.E
 				return err
 			}
 			if err := b.launch("ops", gu, rows(guGrid), b256, 0,
-				hbuf, xpl.ptr, nx, xsc, tab.dev.ptr, int32(E), offsets, active, perm, int32(k), int32(I), int32(h), tab.mode, tab.sb0, tab.sb1); err != nil {
+				hbuf, xpl.ptr, nx, xsc, tab.dev.ptr, int32(E), offsets, active, perm, int32(kv), int32(I), int32(h), tab.mode, tab.sb0, tab.sb1); err != nil {
 				return err
 			}
 			hsc, err := b.splitPlanes(hpl.ptr, hbuf, nh, f16)
@@ -207,17 +245,56 @@ func (b *Backend) MoE(out, x, ids, weights *kernels.Tensor, experts []*kernels.E
 				ybuf, hpl.ptr, nh, hsc, tab.dev.ptr, int32(E), offsets, active, int32(I), int32(h), tab.mode, tab.sb0, tab.sb1); err != nil {
 				return err
 			}
-			return b.launch("ops", "moe_combine", rows(T), b256, 0, op, ybuf, wp, slotOf, int32(k), int32(h))
+			return b.moeCombine(op, ybuf, wp, slotOf, T, k, kv, h)
 		}
 		const warps = 8
 		if err := b.launch("ops", fmt.Sprintf("moe_gate_up_%s_t%d", tab.suffix, tb), [3]uint32{uint32((I + 2*warps - 1) / (2 * warps)), maxActive, 1}, b256, 0,
-			hbuf, xp, tab.dev.ptr, int32(E), offsets, active, perm, int32(k), int32(I), int32(h), tab.mode, tab.sb0, tab.sb1, tab.vecGU); err != nil {
+			hbuf, xp, tab.dev.ptr, int32(E), offsets, active, perm, int32(kv), int32(I), int32(h), tab.mode, tab.sb0, tab.sb1, tab.vecGU); err != nil {
 			return err
 		}
 		if err := b.launch("ops", fmt.Sprintf("moe_down_%s_t%d", tab.suffix, tb), [3]uint32{uint32((h + 4*warps - 1) / (4 * warps)), maxActive, 1}, b256, 0,
 			ybuf, hbuf, tab.dev.ptr, int32(E), offsets, active, int32(I), int32(h), tab.mode, tab.sb0, tab.sb1, tab.vecD); err != nil {
 			return err
 		}
-		return b.launch("ops", "moe_combine", rows(T), b256, 0, op, ybuf, wp, slotOf, int32(k), int32(h))
+		return b.moeCombine(op, ybuf, wp, slotOf, T, k, kv, h)
 	})
+	return handled, err
+}
+
+// sharedFits says whether shared can run as one more expert of tab's
+// streamed kernels for T tokens × k routed experts.
+func (b *Backend) sharedFits(tab *expertTable, shared *kernels.Expert, T, k int) (bool, error) {
+	if tab.inter == 0 || b.moeWideTakes(tab, T, k) || !b.sgOK(tab.gate[tab.first]) || !b.sgOK(tab.down[tab.first]) {
+		return false, nil
+	}
+	// Only up to 16 tokens: wider, the shared expert's units (every token,
+	// in passes of 8) would be the launch's long tail (Air fp8 batch 64:
+	// 46% → 44% of the floor, H200), where its own Linear layers take
+	// 16 tokens per pass (e4m3) or one cuBLAS GEMM (bf16).
+	if T > mmaMaxTokens {
+		return false, nil
+	}
+	ref := [3]weightInfo{tab.gate[tab.first], tab.up[tab.first], tab.down[tab.first]}
+	for i, w := range []*kernels.Tensor{shared.Gate, shared.Up, shared.Down} {
+		wi, err := weightOf(w, "shared expert")
+		if err != nil {
+			return false, err
+		}
+		if wi.n != ref[i].n || wi.k != ref[i].k || wi.suffix != ref[i].suffix || wi.mode != ref[i].mode || wi.sb0 != ref[i].sb0 || wi.sb1 != ref[i].sb1 {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// moeWideTakes says whether MoE runs T tokens × k experts on the wide
+// (cuBLAS, per-expert GEMM) path: experts average ≥ 16 tokens.
+func (b *Backend) moeWideTakes(tab *expertTable, T, k int) bool {
+	return T*k >= 16*tab.present && T > b.opt.GemvMaxTokens && b.blas != nil && !b.capturing
+}
+
+// moeCombine writes out[t] = Σ_j w[t,j]·y[slot_of[t,j]] (+ the shared
+// expert's row when kv = k+1), a block per token and 256 columns.
+func (b *Backend) moeCombine(op, y, wp, slotOf uintptr, T, k, kv, H int) error {
+	return b.launch("ops", "moe_combine", [3]uint32{uint32(T), uint32((H + 255) / 256), 1}, b256, 0, op, y, wp, slotOf, int32(k), int32(kv), int32(H))
 }

@@ -44,7 +44,7 @@ func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H i
 	expertOf := perm + uintptr(4*A)
 	rowbase := expertOf + uintptr(4*A)
 	if err := b.launch("ops", "moe_plan", rows(1), b1024, uint32(4*(E+1)), ip, int32(A), tab.dev.ptr, int32(E),
-		offsets, active, slotOf, perm, expertOf, b.errFlag.ptr); err != nil {
+		offsets, active, slotOf, perm, expertOf, b.errFlag.ptr, int32(k), int32(k)); err != nil {
 		return err
 	}
 	host := make([]int32, E+2)

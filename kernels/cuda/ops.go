@@ -203,7 +203,9 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	}
 	nslots := int64(cache.K.Elements() / (kvHeads * d))
 	return b.op(func() error {
-		return b.launch("ops", kernel, rows(T), b128, 0, qp, kp, vp, qn, kn, eps, int32(rope.Heads), int32(kvHeads),
+		// One warp per head, 4 heads per block (see qk_norm_rope_kv_impl).
+		grid := [3]uint32{uint32(T), uint32((rope.Heads + kvHeads + 3) / 4), 1}
+		return b.launch("ops", kernel, grid, b128, 0, qp, kp, vp, qn, kn, eps, int32(rope.Heads), int32(kvHeads),
 			int32(d), int32(rot), rope.Theta, m.at(m.pos), m.at(m.slots), nslots, kc.ptr, vc.ptr, b.errFlag.ptr)
 	})
 }
@@ -269,6 +271,8 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 	smem := 4 * (g*d + attnWarps*g*32 + attnWarps*g*d + attnWarps*g*2)
 	// The tensor-core kernel takes bf16 caches with up to 16 q heads per kv head.
 	useMMA := bf16 == 1 && g <= 16 && d <= 128 && !b.opt.NoTensorCoreAttention
+	// attention_mma's dynamic shared memory (MMA_STAGES_BYTES, MMA_MERGE_BYTES in attention.cu).
+	mmaSmem := max(attnWarps*2*(16*d+16*(d+8))*2, attnWarps*16*d*4+attnWarps*16*2*4)
 	// Prefill layout (16 tokens per tile) when tiles are mostly full.
 	prefill := m.nTiles*4 <= T
 	scale := p.Scale * math.Log2E // the kernels work in log2 units (exp2)
@@ -282,6 +286,19 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 			f, err := b.fn(key, "attention_split")
 			if err != nil {
 				return err
+			}
+			if useMMA {
+				f, err := b.fn(key, "attention_mma")
+				if err != nil {
+					return err
+				}
+				if err := b.d.check(b.d.cuFuncSetAttribute(f, funcAttrMaxDynamicShared, int32(mmaSmem)), "attention shared memory"); err != nil {
+					return fmt.Errorf("%w (head dim %d needs %d bytes)", err, d, mmaSmem)
+				}
+				const carveoutAttr = 9 // CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+				if err := b.d.check(b.d.cuFuncSetAttribute(f, carveoutAttr, 100), "attention carveout"); err != nil {
+					return err
+				}
 			}
 			if smem > 48<<10 && !useMMA {
 				if err := b.d.check(b.d.cuFuncSetAttribute(f, funcAttrMaxDynamicShared, int32(smem)), "attention shared memory"); err != nil {
@@ -354,13 +371,13 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 		}
 		if useMMA && prefill {
 			// Rows are 16 tokens of one q head: K/V read once per 16 queries.
-			err = b.launch(key, "attention_mma", [3]uint32{uint32(p.Heads), uint32(m.nTiles), 1}, b128, 0,
+			err = b.launch(key, "attention_mma", [3]uint32{uint32(p.Heads), uint32(m.nTiles), 1}, b128, uint32(mmaSmem),
 				o, uintptr(0), uintptr(0), qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
 				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(m.maxCtx), int32(1), m.at(m.tileOff))
 			return err
 		}
 		if useMMA {
-			err = b.launch(key, "attention_mma", grid, b128, 0,
+			err = b.launch(key, "attention_mma", grid, b128, uint32(mmaSmem),
 				o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
 				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(splitLen), int32(nsplit), uintptr(0))
 		} else {
@@ -371,7 +388,7 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 		if err != nil || nsplit == 1 {
 			return err
 		}
-		return b.launch(key, "attention_combine", [3]uint32{uint32(p.Heads), uint32(T), 1}, [3]uint32{uint32(min(d, 128)), 1, 1}, 0,
+		return b.launch(key, "attention_combine", [3]uint32{uint32(p.Heads), uint32(T), 1}, [3]uint32{uint32(min(d, 128)), 1, 1}, uint32(4*nsplit),
 			o, pacc, pml, int32(p.Heads), int32(nsplit))
 	})
 }
@@ -422,6 +439,10 @@ func (b *Backend) Route(ids, weights, logits, bias *kernels.Tensor, p kernels.Ro
 	return err
 }
 
+// argmaxMaxRows bounds the rows of one split argmax (its arrival counters
+// sit after the GEMVs' in sgCounters); wider calls take one block per row.
+const argmaxMaxRows = 4096
+
 // Argmax writes the index of each row's largest logit into out (I32 [rows])
 // without leaving the device (graph-capturable greedy sampling).
 func (b *Backend) Argmax(out, logits *kernels.Tensor) error {
@@ -436,7 +457,20 @@ func (b *Backend) Argmax(out, logits *kernels.Tensor) error {
 	if out.Elements() != logits.Rows() {
 		return fmt.Errorf("cuda: argmax: %d outputs for %d rows", out.Elements(), logits.Rows())
 	}
+	R, V := logits.Rows(), logits.Cols()
 	return b.op(func() error {
-		return b.launch("ops", "argmax_rows", rows(logits.Rows()), b1024, 0, op, lp, int32(logits.Cols()))
+		if R > argmaxMaxRows {
+			return b.launch("ops", "argmax_rows", rows(R), b1024, 0, op, lp, int32(V))
+		}
+		// Chunks of 4096 logits: 37 blocks per GLM-4.5 row.
+		const chunk = 4096
+		nc := (V + chunk - 1) / chunk
+		part, err := b.pool.alloc(align256(4*R*nc) * 2)
+		if err != nil {
+			return err
+		}
+		defer b.pool.put(part)
+		return b.launch("ops", "argmax_split", [3]uint32{uint32(nc), uint32(R), 1}, b256, 0, op, lp, int32(V), int32(chunk),
+			part.ptr, part.ptr+align256(4*R*nc), b.sgCounters.ptr+4*sgMaxCounters)
 	})
 }

@@ -39,6 +39,19 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// pdl_start opens every kernel. Launched with programmatic dependent launch
+// (sm_90+; kernels/cuda/backend.go), a kernel may start while its
+// predecessor in the stream drains: it lets its own successor launch at
+// once, then waits until the predecessor has finished and its writes are
+// visible, before touching memory. (Each kernel waiting for its predecessor
+// makes the wait transitive.) Without the attribute both are no-ops.
+__device__ __forceinline__ void pdl_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // block_sum reduces over a block of up to 1024 threads; every thread gets the sum.
 __device__ float block_sum(float v, float* sh) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;

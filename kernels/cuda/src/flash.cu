@@ -37,6 +37,7 @@ __device__ __forceinline__ void flash_load(bf16_t* sk, bf16_t* sv, const bf16_t*
 extern "C" __global__ void __launch_bounds__(32 * ATT_G) attention_flash16(
     float* out, const float* q, const bf16_t* kc, const bf16_t* vc, const int* seq_index, const int* positions,
     const int* tables, int table_stride, int block_size, int heads, int kvheads, float scale, const int* tiles) {
+    pdl_start();
     __shared__ __align__(16) bf16_t sk[2][FL_KT * FL_KROW];
     __shared__ __align__(16) bf16_t svv[2][FL_KT * FL_VROW];
     const int KK = ATT_D / 32, NT = ATT_D / 8, KH = FL_KT / 8;
@@ -266,6 +267,7 @@ extern "C" __global__ void __launch_bounds__(32 * FL_W, 8 / FL_W) attention_flas
     float* out, const float* q, const bf16_t* kc, const bf16_t* vc, const int* seq_index, const int* positions,
     const int* tables, int table_stride, int block_shift, int heads, int kvheads, float scale, const int* tiles,
     int ntiles) {
+    pdl_start();
     extern __shared__ __align__(16) unsigned char fl_smem[];
     // The current pass (thread 0 plans it): sequence, end of its keys, its
     // first query position, its tiles (bit s: tile t0+s), tiles done so far.

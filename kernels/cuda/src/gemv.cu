@@ -282,22 +282,44 @@ __device__ __forceinline__ void sg_reduce(float (&acc)[NA][NTT][4], uint4* rings
     (void)V;
 }
 
-// sg_linear: out[T,N] = x·wᵀ (+bias); units = ceil(N/16)·P, one per block,
-// whose warps take interleaved chunks of the unit's K range; tokens in
-// passes of 8·NTT (a unit's later passes re-read its rows from L2).
+// SgSegs are up to three Linear layers of one input (q, k and v): one
+// launch, one activation split; their row groups are numbered in order.
+struct SgSegs {
+    float* out[3];
+    const void* w[3];
+    const float* scale[3];
+    const float* bias[3];
+    int N[3];
+    int nseg;
+};
+
+// sg_linear: out[T,N] = x·wᵀ (+bias) for each segment; units = Σ
+// ceil(N/16)·P, one per block, whose warps take interleaved chunks of the
+// unit's K range; tokens in passes of 8·NTT (a unit's later passes re-read
+// its rows from L2). Partial sums of split units sit at the segment's row
+// offset in a [P, T, ΣN] buffer.
 template <int WT, int NTT>
-__device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, const float* xinv, const void* w,
-                               const float* scale, int mode, int sb0, int sb1, const float* bias, int T, int N, int K,
-                               int P, float* part, int* counters, uint4* rings, int wpu) {
+__device__ void sg_linear_impl(const SgSegs& sg, const unsigned short* x, long plane, const float* xinv, int mode,
+                               int sb0, int sb1, int T, int K, int P, float* part, int* counters, uint4* rings,
+                               int wpu) {
     const int CK = WT == WT_FP8 ? 64 : 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     // A unit takes wpu warps (interleaved chunks); a block runs SG_WPB/wpu units at once.
     int units_per_block = SG_WPB / wpu, wl = warp % wpu;
     const int stride = SG_STAGES * 2 * 32;
     uint4* ring = rings + warp * stride;
-    int groups = (N + 15) / 16, nch = K / CK;
+    int groups = 0, Ntot = 0, nch = K / CK;
+    for (int i = 0; i < sg.nseg; i++) groups += (sg.N[i] + 15) / 16, Ntot += sg.N[i];
     for (int unit = blockIdx.x * units_per_block + warp / wpu; unit < groups * P; unit += gridDim.x * units_per_block) {
-        int grp = unit / P, p = unit % P, row0 = grp * 16;
+        int grp = unit / P, p = unit % P;
+        // The unit's segment: its weights, output and row offset.
+        int si = 0, lg = grp, nbase = 0;
+        while (si + 1 < sg.nseg && lg >= (sg.N[si] + 15) / 16) lg -= (sg.N[si] + 15) / 16, nbase += sg.N[si], si++;
+        int N = sg.N[si], row0 = lg * 16;
+        const void* w = sg.w[si];
+        const float* scale = sg.scale[si];
+        const float* bias = sg.bias[si];
+        float* out = sg.out[si];
         int kc0, kc1;
         sg_split(p, P, nch, &kc0, &kc1);
         const char* rows[1][2];
@@ -322,7 +344,7 @@ __device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, 
                         float v = acc[0][j][q] * sg_chscale<WT>(scale, mode, n) * (xinv ? xinv[t] : 1.f);
                         out[(long)t * N + n] = v + (bias ? bias[n] : 0.f);
                     } else {
-                        part[((long)p * T + t) * N + n] = acc[0][j][q];
+                        part[((long)p * T + t) * Ntot + nbase + n] = acc[0][j][q];
                     }
                 }
         }
@@ -331,20 +353,33 @@ __device__ void sg_linear_impl(float* out, const unsigned short* x, long plane, 
             int t = e / 16, n = row0 + e % 16;
             if (n >= N) continue;
             float v = 0.f;
-            for (int q = 0; q < P; q++) v += __ldcg(&part[((long)q * T + t) * N + n]);
+            for (int q = 0; q < P; q++) v += __ldcg(&part[((long)q * T + t) * Ntot + nbase + n]);
             v *= sg_chscale<WT>(scale, mode, n) * (xinv ? xinv[t] : 1.f);
             out[(long)t * N + n] = v + (bias ? bias[n] : 0.f);
         }
     }
 }
 
+// sg_linear_*: one Linear; sg_linear3_*: up to three of one input.
 #define SG_LINEAR(wt, WT, NTT)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_linear_##wt##_n##NTT(                              \
+    extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_linear_##wt##_n##NTT(                      \
         float* out, const unsigned short* x, long plane, const float* xinv, const void* w, const float* scale,       \
-        int mode, int sb0, int sb1, const float* bias, int T, int N, int K, int P, float* part, int* counters, int wpu) { \
+        int mode, int sb0, int sb1, const float* bias, int T, int N, int K, int P, float* part, int* counters,        \
+        int wpu) { pdl_start();                                                                                                   \
         __shared__ uint4 ring[SG_WPB][SG_STAGES * 2 * 32];                                                           \
-        sg_linear_impl<WT, NTT>(out, x, plane, xinv, w, scale, mode, sb0, sb1, bias, T, N, K, P, part, counters,            \
-                                &ring[0][0], wpu);                                                                 \
+        SgSegs sg = {{out, 0, 0}, {w, 0, 0}, {scale, 0, 0}, {bias, 0, 0}, {N, 0, 0}, 1};                              \
+        sg_linear_impl<WT, NTT>(sg, x, plane, xinv, mode, sb0, sb1, T, K, P, part, counters, &ring[0][0], wpu);      \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_linear3_##wt##_n##NTT(                     \
+        const unsigned short* x, long plane, const float* xinv, int mode, int sb0, int sb1, int T, int K, int P,     \
+        float* part, int* counters, int wpu, int nseg, float* out0, const void* w0, const float* s0,                 \
+        const float* b0, int n0, float* out1, const void* w1, const float* s1, const float* b1, int n1,              \
+        float* out2, const void* w2, const float* s2, const float* b2, int n2) { pdl_start();                                     \
+        __shared__ uint4 ring[SG_WPB][SG_STAGES * 2 * 32];                                                           \
+        __shared__ SgSegs sg; /* in shared memory: indexed per unit without a local copy */                        \
+        if (threadIdx.x == 0) sg = {{out0, out1, out2}, {w0, w1, w2}, {s0, s1, s2}, {b0, b1, b2}, {n0, n1, n2}, nseg}; \
+        __syncthreads();                                                                                             \
+        sg_linear_impl<WT, NTT>(sg, x, plane, xinv, mode, sb0, sb1, T, K, P, part, counters, &ring[0][0], wpu);      \
     }
 SG_LINEAR(bf16, WT_BF16, 1)
 SG_LINEAR(bf16, WT_BF16, 2)
@@ -480,7 +515,7 @@ __device__ void sg_down_impl(float* y, const unsigned short* hp, long hplane, co
     extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_gate_up_##wt##_n##NTT(                             \
         float* h, const unsigned short* x, long xplane, const float* xinv, const ExpertPtrs* ex, int E,              \
         const int* offsets, const int* active, const int* perm, int K_top, int I, int H, int mode, int sb0, int sb1,  \
-        int P, float* part, int* counters, int wpu) {                                                                 \
+        int P, float* part, int* counters, int wpu) { pdl_start();                                                                 \
         __shared__ uint4 ring[SG_WPB][SG_STAGES * 4 * 32];                                                           \
         sg_gate_up_impl<WT, NTT>(h, x, xplane, xinv, ex, E, offsets, active, perm, K_top, I, H, mode, sb0, sb1, P,   \
                                  part, counters, &ring[0][0], wpu);                                                 \
@@ -488,7 +523,7 @@ __device__ void sg_down_impl(float* y, const unsigned short* hp, long hplane, co
     extern "C" __global__ void __launch_bounds__(32 * SG_WPB, SG_MINB) sg_down_##wt##_n##NTT(                                \
         float* y, const unsigned short* hp, long hplane, const float* hinv, const ExpertPtrs* ex, int E,             \
         const int* offsets, const int* active, int I, int H, int mode, int sb0, int sb1, int P, float* part,         \
-        int* counters, int wpu) {                                                                                     \
+        int* counters, int wpu) { pdl_start();                                                                                     \
         __shared__ uint4 ring[SG_WPB][SG_STAGES * 2 * 32];                                                           \
         sg_down_impl<WT, NTT>(y, hp, hplane, hinv, ex, E, offsets, active, I, H, mode, sb0, sb1, P, part, counters,  \
                               &ring[0][0], wpu);                                                                     \
@@ -519,6 +554,7 @@ __device__ __forceinline__ uint2 sg_f16x4(float4 v, float s, uint2* lo) {
 
 extern "C" __global__ void __launch_bounds__(1024) sg_split_f16(unsigned short* planes, float* inv, const float* x,
                                                                 int rows, int K, int two) {
+    pdl_start();
     __shared__ float sh[32];
     int r = blockIdx.x, k4 = K / 4;
     const float4* xr = (const float4*)(x + (long)r * K);

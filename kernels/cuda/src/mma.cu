@@ -219,7 +219,7 @@ __device__ void linear_mma_impl(float* out, const bf16_t* x, const float* xsc, W
 #define LINEAR_MMA(wt, WT, NTT, MINB)                                                                                \
     extern "C" __global__ void __launch_bounds__(256, MINB) linear_mma_##wt##_n##NTT(                                      \
         float* out, const bf16_t* x, const float* xsc, const void* w, const float* scale, int mode, int sb0, int sb1, \
-        const float* bias, int T, int N, int K) {                                                                    \
+        const float* bias, int T, int N, int K) { pdl_start();                                                                    \
         __shared__ float red[8 * 1 * NTT * 4 * 32];                                                                  \
         WeightRef wr = {w, scale, mode, sb0, sb1, sb1 > 0 ? (K + sb1 - 1) / sb1 : 0};                               \
         linear_mma_impl<WT, NTT>(out, x, xsc, wr, bias, T, N, K, red);                                              \
@@ -325,14 +325,14 @@ __device__ void moe_down_mma_impl(float* y, const bf16_t* h, long hplane, const 
 #define MOE_MMA(wt, WT, NTT, MINB)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256, MINB) moe_gate_up_mma_##wt##_n##NTT(                                 \
         float* h, const bf16_t* x, long xplane, const float* xsc, const ExpertPtrs* ex, int E, const int* offsets,     \
-        const int* active, const int* perm, int K_top, int I, int H, int mode, int sb0, int sb1) {                   \
+        const int* active, const int* perm, int K_top, int I, int H, int mode, int sb0, int sb1) { pdl_start();                   \
         __shared__ float red[8 * 2 * NTT * 4 * 32];                                                                  \
         moe_gate_up_mma_impl<WT, NTT>(h, x, xplane, xsc, ex, E, offsets, active, perm, K_top, I, H, mode, sb0, sb1,  \
                                       red);                                                                          \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, MINB) moe_down_mma_##wt##_n##NTT(                                    \
         float* y, const bf16_t* h, long hplane, const float* hsc, const ExpertPtrs* ex, int E, const int* offsets,    \
-        const int* active, int I, int H, int mode, int sb0, int sb1) {                                               \
+        const int* active, int I, int H, int mode, int sb0, int sb1) { pdl_start();                                               \
         __shared__ float red[8 * 1 * NTT * 4 * 32];                                                                  \
         moe_down_mma_impl<WT, NTT>(y, h, hplane, hsc, ex, E, offsets, active, I, H, mode, sb0, sb1, red);            \
     }
@@ -343,6 +343,7 @@ MOE_MMA(fp8, WT_FP8, 2, MMA_MINB_FP8)
 
 // split_planes: x = hi + lo as two bf16 planes (hi at [0,n), lo at [n,2n)) for the tensor-core GEMVs.
 extern "C" __global__ void split_planes(bf16_t* out, const float* in, long n) {
+    pdl_start();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float x = in[i];
         bf16_t h = f2bf(x);
