@@ -38,7 +38,8 @@ type Options struct {
 	BlockGemv  bool // narrow GEMVs on the block kernels instead of the streamed ones
 	ExactFP8   bool // e4m3 GEMVs read hi+lo f16 activation planes
 	NoPDL      bool // launch kernels without programmatic dependent launch
-	NoWideGemv bool // e4m3 Linear layers of 17–64 tokens on the streamed kernel
+	NoWideGemv bool // e4m3 Linear layers of up to 64 tokens on the streamed kernel
+	WideMin    int  // narrowest e4m3 Linear batch on the wide kernel (0: the backend's default)
 	LoadFormat string
 	Profile    bool
 	Graph      bool
@@ -120,7 +121,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&o.FastGemm, "fast-gemm", false, "round activations to bf16 once in cuBLAS GEMMs (default: two bf16 halves, ~f32 accuracy)")
 	fs.BoolVar(&o.NoFlash, "no-flash-attention", false, "run bf16-cache prefill attention per q head (the kernel before attention_flash)")
 	fs.BoolVar(&o.BlockGemv, "block-gemv", false, "run narrow-batch GEMVs on the block tensor-core kernels (before the streamed ones)")
-	fs.BoolVar(&o.NoWideGemv, "no-wide-gemv", false, "run e4m3 Linear layers of 17-64 tokens on the streamed kernel (16 tokens per pass) instead of the wide one")
+	fs.BoolVar(&o.NoWideGemv, "no-wide-gemv", false, "run e4m3 Linear layers of up to 64 tokens on the streamed kernel (16 tokens per pass) instead of the wide one")
+	fs.IntVar(&o.WideMin, "wide-gemv-min-tokens", 0, "narrowest e4m3 Linear batch the wide kernel takes (0: default, 17)")
 	fs.BoolVar(&o.NoPDL, "no-pdl", false, "launch kernels without programmatic dependent launch (Hopper: each kernel may start while its predecessor drains)")
 	fs.BoolVar(&o.ExactFP8, "exact-fp8-activations", false, "e4m3 GEMVs read activations as two f16 planes (~22 bits) instead of one (11 bits)")
 	fs.StringVar(&o.LoadFormat, "load-format", "dummy", "weights: dummy (random, made on the GPU)")
@@ -232,7 +234,7 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 		return nil, err
 	}
 	be, err := cuda.New(cuda.Options{Device: o.Device, FastWideGemm: o.FastGemm, NoFlashAttention: o.NoFlash, BlockGemv: o.BlockGemv,
-		ExactFP8Activations: o.ExactFP8, NoPDL: o.NoPDL, NoWideGemv: o.NoWideGemv})
+		ExactFP8Activations: o.ExactFP8, NoPDL: o.NoPDL, NoWideGemv: o.NoWideGemv, WideGemvMinTokens: o.WideMin})
 	if err != nil {
 		return nil, err
 	}

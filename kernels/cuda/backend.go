@@ -76,9 +76,13 @@ type Options struct {
 	// its predecessor drains, waiting for its results in its first
 	// instruction; captured graphs never use it); kept for A/B measurements.
 	NoPDL bool
-	// NoWideGemv keeps e4m3 Linear layers of 17–64 tokens on the streamed
+	// NoWideGemv keeps e4m3 Linear layers of up to 64 tokens on the streamed
 	// kernel (16 tokens per pass) instead of wg_linear_fp8; for A/B runs.
 	NoWideGemv bool
+	// WideGemvMinTokens is the narrowest batch of an e4m3 Linear layer that
+	// takes wg_linear_fp8 (default 17: at 16 tokens the streamed kernel's
+	// one pass was faster, Air fp8 batch 16 57.9% vs 55.5% of the floor, H200).
+	WideGemvMinTokens int
 }
 
 // Backend is one GPU: its primary context, one stream, a caching allocator
@@ -151,6 +155,9 @@ func New(opt Options) (*Backend, error) {
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()
+	}
+	if opt.WideGemvMinTokens <= 0 {
+		opt.WideGemvMinTokens = mmaMaxTokens + 1
 	}
 	if opt.GemvMaxTokens <= 0 {
 		opt.GemvMaxTokens = 16

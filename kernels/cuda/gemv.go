@@ -129,13 +129,20 @@ func (b *Backend) sgLinearTakes(wi weightInfo, T int) bool {
 	return b.sgOK(wi) && (T <= mmaMaxTokens || wi.dtype == kernels.F8E4M3 && T <= sgFP8MaxTokens)
 }
 
-// sgLinear runs out[T,N] = x·wᵀ (+bias) on the streamed kernel, or for
-// 17–64 tokens of e4m3 weights on the wide one (src/wgemv.cu).
+// sgLinear runs out[T,N] = x·wᵀ (+bias) on the streamed kernel, or on the
+// wide one (src/wgemv.cu) where wgTakes.
 func (b *Backend) sgLinear(op, xp, bp uintptr, wi weightInfo, T int) error {
-	if wi.dtype == kernels.F8E4M3 && T > mmaMaxTokens && T <= wgMaxTokens && b.fp8Planes() == 1 && !b.opt.NoWideGemv {
+	if b.wgTakes(wi, T) {
 		return b.wgLinear(op, xp, bp, wi, T)
 	}
 	return b.sgLinearSegs([]sgSeg{{out: op, bias: bp, w: wi}}, xp, T)
+}
+
+// wgTakes says whether the wide kernel runs an e4m3 Linear of T tokens
+// (Options.WideGemvMinTokens to 64, one f16 activation plane).
+func (b *Backend) wgTakes(wi weightInfo, T int) bool {
+	return wi.dtype == kernels.F8E4M3 && T >= b.opt.WideGemvMinTokens && T <= wgMaxTokens && b.fp8Planes() == 1 &&
+		!b.opt.NoWideGemv && b.sgOK(wi)
 }
 
 // wgMaxTokens is WG_T of src/wgemv.cu, wgRows WG_R, wgSmem WG_SMEM_BYTES.
@@ -146,7 +153,7 @@ const (
 	wgSmem      = wgStages*wgMaxTokens*(256+8)*2 + 8*wgStages*4*32*16
 )
 
-// wgLinear runs an e4m3 Linear of 17–64 tokens on wg_linear_fp8: blocks of
+// wgLinear runs an e4m3 Linear of up to 64 tokens on wg_linear_fp8: blocks of
 // 64 rows × a K range in slices of 256, K split to fill the GPU in whole waves.
 func (b *Backend) wgLinear(op, xp, bp uintptr, wi weightInfo, T int) error {
 	const kernel = "wg_linear_fp8"
@@ -288,7 +295,7 @@ func (b *Backend) LinearMulti(outs []*kernels.Tensor, x *kernels.Tensor, ws, bia
 		if i > 0 && (wi.dtype != w0.dtype || wi.mode != w0.mode || wi.sb0 != w0.sb0 || wi.sb1 != w0.sb1) {
 			return false, nil
 		}
-		if !b.sgLinearTakes(wi, T) {
+		if !b.sgLinearTakes(wi, T) || b.wgTakes(wi, T) {
 			return false, nil
 		}
 		segs[i] = sgSeg{out: op, bias: bp, w: wi}

@@ -181,7 +181,8 @@ func TestLinearMultiTwin(t *testing.T) {
 				}
 				want := T <= mmaMaxTokens
 				for _, w := range ws {
-					want = want && p.gpu.sgLinearTakes(weightInfoOf(t, w.g), T)
+					wi := weightInfoOf(t, w.g)
+					want = want && p.gpu.sgLinearTakes(wi, T) && !p.gpu.wgTakes(wi, T)
 				}
 				if done != want {
 					t.Fatalf("LinearMulti handled=%v, want %v", done, want)
