@@ -19,7 +19,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 )
 
-//go:embed src/common.cuh src/ops.cu src/mma.cu src/gemv.cu src/wgemv.cu src/attention.cu src/flash.cu
+//go:embed src/common.cuh src/ops.cu src/moe.cu src/mma.cu src/gemv.cu src/wgemv.cu src/attention.cu src/flash.cu
 var srcFS embed.FS
 
 func source(names ...string) string {
@@ -228,7 +228,7 @@ func (b *Backend) open() error {
 	}
 	// GLMTOPO_CUDA_DEFINES (space-separated NAME=VALUE) overrides the kernels'
 	// tuning macros, for sweeps on a new GPU without rebuilding.
-	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "mma.cu", "gemv.cu", "wgemv.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
+	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "moe.cu", "mma.cu", "gemv.cu", "wgemv.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
 		return err
 	}
 	if !b.opt.NoCublas {
