@@ -79,6 +79,9 @@ type Options struct {
 	// NoWideGemv keeps e4m3 Linear layers of up to 64 tokens on the streamed
 	// kernel (16 tokens per pass) instead of wg_linear_fp8; for A/B runs.
 	NoWideGemv bool
+	// PageableUploads copies weights from pageable host memory instead of
+	// page-locking each one for the copy (cuMemHostRegister); for A/B runs.
+	PageableUploads bool
 	// WideGemvMinTokens is the narrowest batch of an e4m3 Linear layer that
 	// takes wg_linear_fp8 (default 17: at 16 tokens the streamed kernel's
 	// one pass was faster, Air fp8 batch 16 57.9% vs 55.5% of the floor, H200).

@@ -93,7 +93,40 @@ func (b *Backend) Upload(t *kernels.Tensor, data []byte) error {
 		return err
 	}
 	defer b.leave()
+	if len(data) >= registerMinBytes && !b.opt.PageableUploads {
+		if ok, err := b.uploadRegistered(bf.ptr, data); ok || err != nil {
+			return err
+		}
+	}
 	return b.d.check(b.d.cuMemcpyHtoDAsync(bf.ptr, unsafe.Pointer(&data[0]), uintptr(len(data)), b.stream), "upload")
+}
+
+// registerMinBytes is the smallest upload that page-locks its source:
+// weights, not per-step metadata.
+const registerMinBytes = 8 << 20
+
+// cuMemHostRegister flags: read-only (a memory-mapped checkpoint is mapped
+// read-only) and none.
+const hostRegisterReadOnly = 0x08
+
+// uploadRegistered page-locks data (read-only first: checkpoints are
+// mapped read-only; then plain), copies it by DMA and unlocks it after the
+// copy. A pageable copy goes through the driver's own staging buffers.
+// It reports false, having done nothing, where the driver refuses the range.
+func (b *Backend) uploadRegistered(dst uintptr, data []byte) (bool, error) {
+	p := unsafe.Pointer(&data[0])
+	n := uintptr(len(data))
+	if b.d.cuMemHostRegister(p, n, hostRegisterReadOnly) != 0 && b.d.cuMemHostRegister(p, n, 0) != 0 {
+		return false, nil
+	}
+	err := b.d.check(b.d.cuMemcpyHtoDAsync(dst, p, n, b.stream), "upload")
+	if err == nil {
+		err = b.d.check(b.d.cuStreamSynchronize(b.stream), "upload")
+	}
+	if uerr := b.d.check(b.d.cuMemHostUnregister(p), "unregister upload source"); err == nil {
+		err = uerr
+	}
+	return true, err
 }
 
 // UploadWeight copies a weight to the device. 1-D BF16 vectors (norms,
