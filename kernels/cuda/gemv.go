@@ -175,22 +175,33 @@ func (b *Backend) wgLinear(op, xp, bp uintptr, wi weightInfo, T int) error {
 	}
 	rowBlocks, nch := (wi.n+wgRows-1)/wgRows, wi.k/64
 	P := wgSplits(rowBlocks, blocks, nch)
-	planeB, invB := align256(2*T*wi.k), align256(4*T)
-	partB := uintptr(0)
-	if P > 1 {
-		partB = align256(4 * P * T * wi.n)
-	}
-	scratch, err := b.pool.alloc(planeB + invB + partB)
+	scratch, planes, inv, part, err := b.splitScratch(xp, T, wi.k, 2*T*wi.k, P, wi.n, true)
 	if err != nil {
 		return err
 	}
 	defer b.pool.put(scratch)
-	planes, inv, part := scratch.ptr, scratch.ptr+planeB, scratch.ptr+planeB+invB
-	if err := b.sgSplitRows(planes, inv, xp, T, wi.k, true); err != nil {
-		return err
-	}
 	return b.launch("ops", kernel, rows(rowBlocks*P), b256, wgSmem, op, planes, inv, wi.ptr, wi.scale, wi.mode, wi.sb0, wi.sb1, bp,
 		int32(T), int32(wi.n), int32(wi.k), int32(P), part, b.sgCounters.ptr)
+}
+
+// splitScratch allocates a GEMV's scratch — planeBytes of activation planes,
+// T row scales and, when K is split (P > 1), P partial sums of T×n floats —
+// and writes x [T,K]'s planes into it. The caller puts the buffer back.
+func (b *Backend) splitScratch(xp uintptr, T, K, planeBytes, P, n int, fp8 bool) (s *buf, planes, inv, part uintptr, err error) {
+	planeB, invB := align256(planeBytes), align256(4*T)
+	partB := uintptr(0)
+	if P > 1 {
+		partB = align256(4 * P * T * n)
+	}
+	if s, err = b.pool.alloc(planeB + invB + partB); err != nil {
+		return nil, 0, 0, 0, err
+	}
+	planes, inv, part = s.ptr, s.ptr+planeB, s.ptr+planeB+invB
+	if err = b.sgSplitRows(planes, inv, xp, T, K, fp8); err != nil {
+		b.pool.put(s)
+		return nil, 0, 0, 0, err
+	}
+	return s, planes, inv, part, nil
 }
 
 // sgSeg is one Linear of a streamed launch: output, bias, weight.
@@ -221,20 +232,11 @@ func (b *Backend) sgLinearSegs(segs []sgSeg, xp uintptr, T int) error {
 		ntot += s.w.n
 	}
 	wpu, P := sgPlan(groups, blocks, wi.k/sgChunk(wi.dtype))
-	planeB, invB := align256(4*T*wi.k), align256(4*T)
-	partB := uintptr(0)
-	if P > 1 {
-		partB = align256(4 * P * T * ntot)
-	}
-	scratch, err := b.pool.alloc(planeB + invB + partB)
+	scratch, planes, inv, part, err := b.splitScratch(xp, T, wi.k, 4*T*wi.k, P, ntot, fp8)
 	if err != nil {
 		return err
 	}
 	defer b.pool.put(scratch)
-	planes, inv, part := scratch.ptr, scratch.ptr+planeB, scratch.ptr+planeB+invB
-	if err := b.sgSplitRows(planes, inv, xp, T, wi.k, fp8); err != nil {
-		return err
-	}
 	xinv := uintptr(0)
 	if fp8 {
 		xinv = inv
