@@ -16,6 +16,7 @@ import (
 // copy and, for comparison, pageable; every copy must come back intact. It
 // logs the rates (weights load at what the host link gives).
 func TestUploadRegistered(t *testing.T) {
+	gpu(t, Options{}) // skips without CUDA before the 512 MiB below are made
 	const n = 512 << 20
 	src := make([]byte, n)
 	for i := range src {
