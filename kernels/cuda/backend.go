@@ -373,10 +373,12 @@ func (b *Backend) launch(key, name string, grid, block [3]uint32, smem uint32, a
 		b.launchCfg = launchConfig{grid: grid, block: block, smem: smem, stream: b.stream, attrs: &b.launchAttr, numAttrs: 1}
 		r = b.d.launchPDL(f, &b.launchCfg, unsafe.Pointer(&b.argPtrs[0]))
 		if r == errInvalidValue {
-			// A driver that refuses the attribute: launch plainly from now on.
-			slog.Warn("cuda: programmatic dependent launch refused; launching without it", "kernel", name)
-			b.pdl = false
-			r = b.d.launch(f, grid, block, smem, b.stream, unsafe.Pointer(&b.argPtrs[0]))
+			// A driver that refuses the attribute (the plain launch of the
+			// same kernel works): launch plainly from now on.
+			if r = b.d.launch(f, grid, block, smem, b.stream, unsafe.Pointer(&b.argPtrs[0])); r == 0 {
+				slog.Warn("cuda: programmatic dependent launch refused; launching without it", "kernel", name)
+				b.pdl = false
+			}
 		}
 	} else {
 		r = b.d.launch(f, grid, block, smem, b.stream, unsafe.Pointer(&b.argPtrs[0]))
