@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"strconv"
 	"strings"
@@ -10,8 +11,23 @@ import (
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 )
 
-// openBackend opens "cpu" or "cuda[:N]" and says which KV cache dtype it takes.
-func openBackend(device string) (kernels.Backend, kernels.DType, error) {
+// backendFlags are the flags of the commands that run the model.
+type backendFlags struct {
+	device   *string
+	fastGemm *bool
+}
+
+func addBackendFlags(fs *flag.FlagSet) backendFlags {
+	return backendFlags{
+		device: fs.String("device", "cpu", "backend: cpu, cuda or cuda:N"),
+		fastGemm: fs.Bool("fast-gemm", true, "cuda: round activations to bf16 once in prefill GEMMs, as vLLM and SGLang run; "+
+			"false: two bf16 halves (~f32, as the CPU reference; twice the GEMM FLOPs)"),
+	}
+}
+
+// open opens "cpu" or "cuda[:N]" and says which KV cache dtype it takes.
+func (f backendFlags) open() (kernels.Backend, kernels.DType, error) {
+	device := *f.device
 	switch {
 	case device == "cpu":
 		return cpu.New(0), kernels.F32, nil
@@ -24,7 +40,7 @@ func openBackend(device string) (kernels.Backend, kernels.DType, error) {
 			}
 			n = v
 		}
-		be, err := cuda.New(cuda.Options{Device: n})
+		be, err := cuda.New(cuda.Options{Device: n, FastWideGemm: *f.fastGemm})
 		if err != nil {
 			return nil, 0, err
 		}

@@ -24,7 +24,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	seed := fs.Int64("seed", -1, "sampling seed (-1 = random)")
 	ignoreEOS := fs.Bool("ignore-eos", false, "do not stop at end-of-sequence tokens")
 	asJSON := fs.Bool("json", false, `print {"ids":[...]}`)
-	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
+	backend := addBackendFlags(fs)
 	eager := fs.Bool("enforce-eager", false, "run every step kernel by kernel: no CUDA graphs for decode steps (as vLLM's --enforce-eager)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -41,7 +41,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		prompt = append(prompt, v)
 	}
-	be, kv, err := openBackend(*device)
+	be, kv, err := backend.open()
 	if err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights of the config's shapes, as vLLM's)")
 	overrides := fs.String("hf-overrides", "", `JSON object merged into config.json, e.g. '{"num_hidden_layers": 4}' (as vLLM's)`)
 	kvTokens := fs.Int("kv-cache-tokens", 0, "tokens the paged KV cache holds (default: max-model-len × 8)")
-	device := fs.String("device", "cpu", "backend: cpu, cuda or cuda:N")
+	backend := addBackendFlags(fs)
 	batched := fs.Int("max-num-batched-tokens", 2048, "prompt tokens prefilled per engine step (chunked prefill budget)")
 	eager := fs.Bool("enforce-eager", false, "run every step kernel by kernel: no CUDA graphs for decode steps (as vLLM's --enforce-eager)")
 	if err := parse(fs, args); err != nil {
@@ -58,7 +58,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		*kvTokens = maxLen * 8
 	}
 	slog.Info("loading model", "dir", *dir)
-	be, kv, err := openBackend(*device)
+	be, kv, err := backend.open()
 	if err != nil {
 		return err
 	}

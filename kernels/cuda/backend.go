@@ -19,7 +19,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 )
 
-//go:embed src/common.cuh src/ops.cu src/moe.cu src/mma.cu src/gemv.cu src/wgemv.cu src/attention.cu src/flash.cu
+//go:embed src/common.cuh src/ops.cu src/moe.cu src/mma.cu src/gemv.cu src/wgemv.cu src/sample.cu src/attention.cu src/flash.cu
 var srcFS embed.FS
 
 func source(names ...string) string {
@@ -49,8 +49,10 @@ type Options struct {
 	NoCublas bool
 	// FastWideGemm rounds activations to bf16 once for cuBLAS GEMMs (wide
 	// batches: prefill) instead of splitting them in two bf16 halves: half
-	// the FLOPs, ~3 fewer digits. Off by default: on the golden fixtures the
-	// rounding flips near-tied expert choices (logits off by up to 0.27 on
+	// the FLOPs, ~3 fewer digits, as vLLM and SGLang run. The commands turn
+	// it on (--fast-gemm, default true); the zero Options keep the exact
+	// halves that the CPU-reference comparisons need: on the golden fixtures
+	// the rounding flips near-tied expert choices (logits off by up to 0.27 on
 	// tiny_qknorm's 64-token prompt, H200 2026-11-27), past the 2e-2 bound.
 	FastWideGemm bool
 	// NoTensorCoreAttention keeps bf16 caches on the CUDA-core attention kernel.
@@ -86,6 +88,15 @@ type Options struct {
 	// takes wg_linear_fp8 (default 17: at 16 tokens the streamed kernel's
 	// one pass was faster, Air fp8 batch 16 57.9% vs 55.5% of the floor, H200).
 	WideGemvMinTokens int
+	// HostSampling sends rows with a temperature or banned ids to the CPU
+	// sampler (logits downloaded) instead of sample_rows; for A/B runs.
+	HostSampling bool
+}
+
+// opsSource is the ops module: every kernel but attention's (compiled per
+// head geometry).
+func opsSource() string {
+	return source("common.cuh", "ops.cu", "moe.cu", "mma.cu", "gemv.cu", "wgemv.cu", "sample.cu")
 }
 
 // Backend is one GPU: its primary context, one stream, a caching allocator
@@ -231,7 +242,7 @@ func (b *Backend) open() error {
 	}
 	// GLMTOPO_CUDA_DEFINES (space-separated NAME=VALUE) overrides the kernels'
 	// tuning macros, for sweeps on a new GPU without rebuilding.
-	if err := b.loadModule("ops", source("common.cuh", "ops.cu", "moe.cu", "mma.cu", "gemv.cu", "wgemv.cu"), strings.Fields(os.Getenv(definesEnv))); err != nil {
+	if err := b.loadModule("ops", opsSource(), strings.Fields(os.Getenv(definesEnv))); err != nil {
 		return err
 	}
 	if !b.opt.NoCublas {

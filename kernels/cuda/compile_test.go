@@ -27,7 +27,7 @@ func TestKernelsCompile(t *testing.T) {
 		src     string
 		defines []string
 	}{
-		{"ops", source("common.cuh", "ops.cu", "moe.cu", "mma.cu", "gemv.cu", "wgemv.cu"), strings.Fields(os.Getenv(definesEnv))},
+		{"ops", opsSource(), strings.Fields(os.Getenv(definesEnv))},
 		{"attn_g12_d128", source("common.cuh", "attention.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},
 		{"attn_g3_d64_f32", source("common.cuh", "attention.cu"), []string{"ATT_G=3", "ATT_D=64", "KV_BF16=0"}},
 		{"flash_g12_d128", source("common.cuh", "attention.cu", "flash.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},

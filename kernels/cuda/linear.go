@@ -4,7 +4,6 @@ import (
 	"fmt"
 
 	"github.com/glmtopo/glmtopo/kernels"
-	"github.com/glmtopo/glmtopo/kernels/cpu"
 )
 
 // weightInfo is a checked weight [N,K] with its kernel suffix and scales.
@@ -223,14 +222,8 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 			return err
 		}
 		defer b.pool.put(wb)
-		nw := int64(wi.n * wi.k)
-		sb0, sb1 := wi.sb0, wi.sb1
-		if sb1 == 0 {
-			sb0, sb1 = 1, 1
-		}
 		for h := range halvesW {
-			if err := b.launch("ops", "dequant_fp8", grid1(nw, 1024), b256, 0, wb.ptr+uintptr(2*h*wi.n*wi.k), wi.ptr, wi.scale,
-				wi.mode, sb0, sb1, int32(wi.n), int32(wi.k), int32(0), int32(h)); err != nil {
+			if err := b.dequantFP8(wb.ptr+uintptr(2*h*wi.n*wi.k), wi, h == 1); err != nil {
 				return err
 			}
 		}
@@ -239,7 +232,6 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 			wlo = wb.ptr + uintptr(2*wi.n*wi.k)
 		}
 	}
-	nt := int64(T * wi.n)
 	var colScale uintptr
 	if wi.dtype == kernels.F8E4M3 && wi.mode == 1 {
 		colScale = wi.scale
@@ -266,35 +258,27 @@ func (b *Backend) linearCublas(op, xp, bp uintptr, wi weightInfo, T int) error {
 	if !split && colScale == 0 && bp == 0 {
 		return nil
 	}
-	return b.launch("ops", "finish_gemm", grid1(nt, 1024), b256, 0, op, c, halves, colScale, bp, nt, int32(wi.n))
+	grid := [3]uint32{uint32((wi.n + 1023) / 1024), uint32(min(T, 65535)), 1}
+	return b.launch("ops", "finish_gemm", grid, b256, 0, op, c, halves, colScale, bp, int32(T), int32(wi.n))
 }
 
-// Sample picks one token per row: greedy rows on the device (argmax);
-// with any sampled row, or any banned id, the logits come to the host and
-// the CPU reference sampler decides, so every backend draws the same token
-// from the same U.
-func (b *Backend) Sample(logits *kernels.Tensor, params []kernels.SampleParams) ([]int32, error) {
-	if logits == nil || logits.Rows() != len(params) {
-		return nil, fmt.Errorf("cuda: sample: logits rows and %d params differ", len(params))
+// dequantFP8 writes the bf16 copy of e4m3 weight w at out (src/ops.cu
+// dequant_fp8): block scales multiplied in, per-channel scales left out;
+// lo writes the rounding remainders instead.
+func (b *Backend) dequantFP8(out uintptr, w weightInfo, lo bool) error {
+	sb0, sb1 := w.sb0, w.sb1
+	if sb1 == 0 {
+		sb0, sb1 = 1, 1
 	}
-	greedy := true
-	for _, p := range params {
-		greedy = greedy && p.Temperature <= 0 && len(p.Ban) == 0
+	vec := w.k%16 == 0 && w.ptr%16 == 0 && out%32 == 0 && (w.mode != 2 || sb1%16 == 0)
+	grid := [3]uint32{uint32(w.n), uint32((w.k + 16*256 - 1) / (16 * 256)), 1}
+	return b.launch("ops", "dequant_fp8", grid, b256, 0, out, w.ptr, w.scale, w.mode, sb0, sb1,
+		int32(w.n), int32(w.k), int32(0), boolArg(lo), boolArg(vec))
+}
+
+func boolArg(v bool) int32 {
+	if v {
+		return 1
 	}
-	if greedy {
-		ids, err := b.NewTensor(kernels.I32, len(params))
-		if err != nil {
-			return nil, err
-		}
-		defer b.Free(ids)
-		if err := b.Argmax(ids, logits); err != nil {
-			return nil, err
-		}
-		return b.DownloadI32(ids)
-	}
-	lg, err := b.Download(logits)
-	if err != nil {
-		return nil, err
-	}
-	return cpu.SampleRows(lg, logits.Cols(), params), nil
+	return 0
 }

@@ -259,20 +259,9 @@ func (p *wideGemmPlan) add(ex []int, counts []int32, rowsF int, problems func(e,
 // holds the plan's pointer arrays on the device.
 func (b *Backend) runGemmChunk(c gemmChunk, ptrs uintptr) error {
 	for _, d := range c.dequant {
-		w := d.w
-		sb0, sb1 := w.sb0, w.sb1
-		if sb1 == 0 {
-			sb0, sb1 = 1, 1
-		}
-		nw := int64(w.n * w.k)
-		// fold 0: per-channel scales stay out of the copy (moe_swiglu_wide and
+		// Per-channel scales stay out of the copy (moe_swiglu_wide and
 		// moe_combine_wide apply them); block scales are always folded in.
-		lo := int32(0)
-		if d.lo {
-			lo = 1
-		}
-		if err := b.launch("ops", "dequant_fp8", grid1(nw, 1024), b256, 0, d.out, w.ptr, w.scale, w.mode, sb0, sb1,
-			int32(w.n), int32(w.k), int32(0), lo); err != nil {
+		if err := b.dequantFP8(d.out, d.w, d.lo); err != nil {
 			return err
 		}
 	}

@@ -110,7 +110,8 @@ func linearTwin(t *testing.T, p *pairT) {
 		{1, 4100, 256}, {5, 300, 512}, {12, 130, 384}, {16, 77, 1024}, {40, 77, 512}, {64, 130, 256}, // K % 32 == 0: the tensor-core GEMV
 		{3, 130, 352},                                  // K % 64 == 32: e4m3 on the block GEMV, bf16 on the streamed one
 		{1, 16, 4096}, {2, 9, 12288}, {11, 1030, 1408}, // few row groups: K split over many warps
-		{24, 1030, 2048}, {64, 260, 4096}, {33, 16, 1024}} // e4m3 17–64 tokens: the wide kernel, K split or not
+		{24, 1030, 2048}, {64, 260, 4096}, {33, 16, 1024}, // e4m3 17–64 tokens: the wide kernel, K split or not
+		{80, 130, 272}, {70, 132, 256}} // cuBLAS: 16-wide e4m3 expansion, N odd and N % 4 == 0 in finish_gemm
 	for _, wc := range wcases {
 		for _, sh := range shapes {
 			T, N, K := sh[0], sh[1], sh[2]
@@ -258,27 +259,6 @@ func moeTwin(t *testing.T, p *pairT) {
 				p.check("moe+shared", fused, fp8Tol(p, mc.dt, tol))
 			})
 		}
-	}
-}
-
-func TestSampleTwin(t *testing.T) {
-	p := newPair(t)
-	V := 1031
-	logits := p.f32(5, 4, V)
-	greedy := []kernels.SampleParams{{}, {}, {}, {}}
-	want, err := p.cpu.Sample(logits.c, greedy)
-	must(t, "cpu sample", err)
-	got, err := p.gpu.Sample(logits.g, greedy)
-	must(t, "gpu sample", err)
-	if fmt.Sprint(want) != fmt.Sprint(got) {
-		t.Fatalf("greedy: gpu %v cpu %v", got, want)
-	}
-	mixed := []kernels.SampleParams{{}, {Temperature: 0.8, TopP: 0.9, U: 0.3}, {Temperature: 1, TopK: 5, U: 0.99}, {Temperature: 0.5, U: 0.01}}
-	want, _ = p.cpu.Sample(logits.c, mixed)
-	got, err = p.gpu.Sample(logits.g, mixed)
-	must(t, "gpu sample", err)
-	if fmt.Sprint(want) != fmt.Sprint(got) {
-		t.Fatalf("sampled: gpu %v cpu %v", got, want)
 	}
 }
 
