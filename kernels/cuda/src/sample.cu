@@ -208,40 +208,47 @@ __device__ void sample_crossing(int nbins, const unsigned* cnt, const unsigned l
     __syncthreads();
 }
 
+// SampleRun adds a thread's consecutive elements of one bin in registers
+// and flushes them to the shared histogram (counts, masses, an id) when the
+// bin changes, so that rows whose logits fall in a few bins do not send
+// every element to the same shared-memory counters.
+struct SampleRun {
+    int cur = -1, id = 0;
+    unsigned cnt = 0;
+    unsigned long long mass = 0;
+    __device__ void flush(unsigned* hc, unsigned long long* hm, int* hid) {
+        if (cur < 0) return;
+        atomicAdd(&hc[cur], cnt);
+        if (mass) atomicAdd(&hm[cur], mass);
+        hid[cur] = id;
+    }
+    __device__ void add(int d, int i, unsigned long long m, unsigned* hc, unsigned long long* hm, int* hid) {
+        if (d != cur) {
+            flush(hc, hm, hid);
+            cur = d;
+            cnt = 0;
+            mass = 0;
+        }
+        cnt++;
+        mass += m;
+        id = i;
+    }
+};
+
 // sample_zhist fills the z-bin histogram of the row (counts, masses, an
-// id per bin: the bin's element when it has one). A thread adds runs of
-// equal bins in registers first.
+// id per bin: the bin's element when it has one).
 __device__ void sample_zhist(const SampleRow& r, SampleShared& sh) {
     for (int j = threadIdx.x; j < SAMPLE_ZBINS; j += blockDim.x) {
         sh.zcnt[j] = 0;
         sh.zmass[j] = 0;
     }
     __syncthreads();
-    int cur = -1, cid = 0;
-    unsigned cc = 0;
-    unsigned long long cm = 0;
+    SampleRun run;
     for (int i = threadIdx.x; i < r.V; i += blockDim.x) {
         float x = sample_logit(r, i);
-        int d = sample_zbin(r, x);
-        if (d != cur) {
-            if (cur >= 0) {
-                atomicAdd(&sh.zcnt[cur], cc);
-                if (cm) atomicAdd(&sh.zmass[cur], cm);
-                sh.zid[cur] = cid;
-            }
-            cur = d;
-            cc = 0;
-            cm = 0;
-        }
-        cc++;
-        cm += sample_mass(r, x);
-        cid = i;
+        run.add(sample_zbin(r, x), i, sample_mass(r, x), sh.zcnt, sh.zmass, sh.zid);
     }
-    if (cur >= 0) {
-        atomicAdd(&sh.zcnt[cur], cc);
-        if (cm) atomicAdd(&sh.zmass[cur], cm);
-        sh.zid[cur] = cid;
-    }
+    run.flush(sh.zcnt, sh.zmass, sh.zid);
     __syncthreads();
 }
 
@@ -280,34 +287,15 @@ __device__ int sample_select(const SampleRow& r, SampleTarget tg, unsigned long 
             sh.mass[j] = 0;
         }
         __syncthreads();
-        int cur = -1, cid = 0;
-        unsigned cc = 0;
-        unsigned long long cm = 0;
+        SampleRun run;
         for (int j = threadIdx.x; j < n; j += blockDim.x) {
             int i = listed ? sh.list[j] : j;
             float x = sample_logit(r, i);
             unsigned long long key = sample_full_key(x, i);
             if ((key & pmask) != prefix || (!listed && sample_zbin(r, x) != zb)) continue;
-            int d = (int)(key >> shift) & 255;
-            if (d != cur) {
-                if (cur >= 0) {
-                    atomicAdd(&sh.cnt[cur], cc);
-                    if (cm) atomicAdd(&sh.mass[cur], cm);
-                    sh.id[cur] = cid;
-                }
-                cur = d;
-                cc = 0;
-                cm = 0;
-            }
-            cc++;
-            cm += sample_mass(r, x);
-            cid = i;
+            run.add((int)(key >> shift) & 255, i, sample_mass(r, x), sh.cnt, sh.mass, sh.id);
         }
-        if (cur >= 0) {
-            atomicAdd(&sh.cnt[cur], cc);
-            if (cm) atomicAdd(&sh.mass[cur], cm);
-            sh.id[cur] = cid;
-        }
+        run.flush(sh.cnt, sh.mass, sh.id);
         __syncthreads();
         sample_crossing(256, sh.cnt, sh.mass, bc, bm, tg, sh);
         int d = sh.bin;
