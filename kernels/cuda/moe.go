@@ -290,8 +290,12 @@ func (b *Backend) sharedFits(tab *expertTable, shared *kernels.Expert, T, k int)
 // moeWideTakes says whether MoE runs T tokens × k experts on the wide
 // (cuBLAS, per-expert GEMM) path: experts average ≥ 16 tokens.
 func (b *Backend) moeWideTakes(tab *expertTable, T, k int) bool {
-	return T*k >= 16*tab.present && T > b.opt.GemvMaxTokens && b.blas != nil && !b.capturing
+	return T*k >= 16*tab.present && T > b.opt.GemvMaxTokens && b.blas != nil && !b.capturing && k <= combineMaxK
 }
+
+// combineMaxK is the most experts per token moe_combine_wide takes
+// (COMBINE_MAX_K in src/moe.cu).
+const combineMaxK = 32
 
 // moeCombine writes out[t] = Σ_j w[t,j]·y[slot_of[t,j]] (+ the shared
 // expert's row when kv = k+1), a block per token and 256 columns.
