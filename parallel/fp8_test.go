@@ -11,6 +11,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
 // FP8 copies of the fixture (both scale layouts) run through the engine;
@@ -61,19 +62,19 @@ func TestFP8FixtureModels(t *testing.T) {
 				}
 				logits, _ := be.Download(res.Logits)
 				res.Release()
-				if r := relErr(logits, rlogits); r > 1e-5 {
+				if r := modeltest.RelErr(logits, rlogits); r > 1e-5 {
 					t.Errorf("prompt %d: fp8 weights vs the same weights in f32: rel err %.3g", i, r)
 				}
 				want, _ := g.f32(fmt.Sprintf("logits_%d", i))
 				// Random-weight models amplify weight noise (a flipped expert choice
 				// changes a token's output entirely), so compare direction, not max error.
-				r := relErr(logits, want)
+				r := modeltest.RelErr(logits, want)
 				cos := cosine(logits, want)
 				if cos < 0.85 {
 					t.Errorf("prompt %d: fp8 logits cosine %.3f to the bf16 golden", i, cos)
 				}
 				V := cfg.VocabSize
-				tok := argmax(logits[(len(prompt)-1)*V:])
+				tok := modeltest.Argmax(logits[(len(prompt)-1)*V:])
 				greedy := []int32{tok}
 				for len(greedy) < 16 {
 					r, err := e.Step([]StepInput{{Seq: seq, Tokens: []int32{tok}}}, false)
@@ -82,7 +83,7 @@ func TestFP8FixtureModels(t *testing.T) {
 					}
 					l, _ := be.Download(r.Logits)
 					r.Release()
-					tok = argmax(l)
+					tok = modeltest.Argmax(l)
 					greedy = append(greedy, tok)
 				}
 				e.KV.Release(seq)

@@ -3,13 +3,13 @@ package parallel
 import (
 	"context"
 	"fmt"
-	"math"
 	"path/filepath"
 	"testing"
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 	"github.com/glmtopo/glmtopo/model/safetensors"
 )
 
@@ -54,29 +54,6 @@ func (g *golden) ids(name string) []int32 {
 		out[i] = int32(x)
 	}
 	return out
-}
-
-// relErr is max|got-want| / max|want|.
-func relErr(got, want []float32) float64 {
-	if len(got) != len(want) {
-		return math.Inf(1)
-	}
-	var md, mr float64
-	for i := range want {
-		md = math.Max(md, math.Abs(float64(got[i])-float64(want[i])))
-		mr = math.Max(mr, math.Abs(float64(want[i])))
-	}
-	return md / mr
-}
-
-func argmax(row []float32) int32 {
-	best := 0
-	for i, v := range row {
-		if v > row[best] {
-			best = i
-		}
-	}
-	return int32(best)
 }
 
 func loadFixtureEngine(t *testing.T, dir string) *Engine {
@@ -131,31 +108,31 @@ func TestGoldenFixtures(t *testing.T) {
 				logits, _ := e.BE.Download(res.Logits)
 				normed, _ := e.BE.Download(res.Normed)
 				want, _ := g.f32(fmt.Sprintf("logits_%d", i))
-				if r := relErr(logits, want); r > goldenTol {
+				if r := modeltest.RelErr(logits, want); r > goldenTol {
 					t.Errorf("prompt %d logits: rel err %.3g > %g", i, r, goldenTol)
 				} else {
 					t.Logf("prompt %d (%d tokens) logits rel err %.2e", i, len(prompt), r)
 				}
 				wantH, _ := g.f32(fmt.Sprintf("final_hidden_%d", i))
-				if r := relErr(normed, wantH); r > goldenTol {
+				if r := modeltest.RelErr(normed, wantH); r > goldenTol {
 					t.Errorf("prompt %d final hidden: rel err %.3g", i, r)
 				}
 				if i == 1 {
 					for l := 0; l < cfg.NumHiddenLayers; l++ {
 						want, _ := g.f32(fmt.Sprintf("hidden_1_%d", l))
-						if r := relErr(hidden[l], want); r > goldenTol {
+						if r := modeltest.RelErr(hidden[l], want); r > goldenTol {
 							t.Errorf("prompt 1 hidden after layer %d: rel err %.3g", l-1, r)
 						}
 					}
 					want, _ := g.f32(fmt.Sprintf("hidden_1_%d", cfg.NumHiddenLayers))
-					if r := relErr(normed, want); r > goldenTol {
+					if r := modeltest.RelErr(normed, want); r > goldenTol {
 						t.Errorf("prompt 1 final normed hidden: rel err %.3g", r)
 					}
 				}
 				// MTP over the prompt: position t sees final_hidden[t] and token t+1.
 				V := cfg.VocabSize
 				T := len(prompt)
-				next := append(append([]int32(nil), prompt[1:]...), argmax(logits[(T-1)*V:]))
+				next := append(append([]int32(nil), prompt[1:]...), modeltest.Argmax(logits[(T-1)*V:]))
 				wantNext := g.ids(fmt.Sprintf("mtp_input_%d", i))
 				for j := range next {
 					if next[j] != wantNext[j] {
@@ -168,14 +145,14 @@ func TestGoldenFixtures(t *testing.T) {
 				}
 				mtp, _ := e.BE.Download(mres.Logits)
 				wantM, _ := g.f32(fmt.Sprintf("mtp_logits_%d", i))
-				if r := relErr(mtp, wantM); r > goldenTol {
+				if r := modeltest.RelErr(mtp, wantM); r > goldenTol {
 					t.Errorf("prompt %d mtp logits: rel err %.3g", i, r)
 				} else {
 					t.Logf("prompt %d mtp logits rel err %.2e", i, r)
 				}
 				mres.Release()
 				// Greedy decoding through the KV cache.
-				tok := argmax(logits[(T-1)*V:])
+				tok := modeltest.Argmax(logits[(T-1)*V:])
 				res.Release()
 				greedy := []int32{tok}
 				for len(greedy) < 16 {
@@ -185,7 +162,7 @@ func TestGoldenFixtures(t *testing.T) {
 					}
 					l, _ := e.BE.Download(r.Logits)
 					r.Release()
-					tok = argmax(l)
+					tok = modeltest.Argmax(l)
 					greedy = append(greedy, tok)
 				}
 				wantG := g.ids(fmt.Sprintf("greedy_%d", i))

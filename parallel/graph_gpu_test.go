@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -13,6 +12,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
 // The CUDA backend must keep implementing what decode graphs need.
@@ -126,10 +126,10 @@ func cpuReference(t *testing.T, root string, g *golden) []greedyRef {
 			}
 			logits, _ := e.BE.Download(res.Logits)
 			res.Release()
-			if top2Gap(logits[:V]) < 0.01 && r.reliable < 0 {
+			if modeltest.TopGap(logits[:V]) < 0.01 && r.reliable < 0 {
 				r.reliable = len(r.tokens)
 			}
-			tok := argmax(logits[:V])
+			tok := modeltest.Argmax(logits[:V])
 			r.tokens = append(r.tokens, int(tok))
 			toks = []int32{tok}
 		}
@@ -139,22 +139,6 @@ func cpuReference(t *testing.T, root string, g *golden) []greedyRef {
 		e.KV.Release(seq)
 	}
 	return out
-}
-
-// top2Gap is the top-2 logit gap relative to the largest |logit|.
-func top2Gap(row []float32) float64 {
-	t1, t2 := math.Inf(-1), math.Inf(-1)
-	var mx float64
-	for _, v := range row {
-		x := float64(v)
-		mx = math.Max(mx, math.Abs(x))
-		if x > t1 {
-			t1, t2 = x, t1
-		} else if x > t2 {
-			t2 = x
-		}
-	}
-	return (t1 - t2) / mx
 }
 
 // decodeStepTime is the median wall time of a greedy decode step (Step and

@@ -11,6 +11,7 @@ import (
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
 func TestGraphBuckets(t *testing.T) {
@@ -143,7 +144,7 @@ func (tw *twinEngines) step(allRows bool, in ...seqInput) {
 			logits = want
 		}
 		if tw.tol > 0 {
-			r := relErr(got, want)
+			r := modeltest.RelErr(got, want)
 			tw.worst = max(tw.worst, r)
 			if !(r <= tw.tol) { // NaN fails too
 				t.Fatalf("%s: rel err %.3g > %g (step %+v)", o.name, r, tw.tol, in)
@@ -162,7 +163,7 @@ func (tw *twinEngines) step(allRows bool, in ...seqInput) {
 		if allRows {
 			row += len(gin[i].Tokens) - 1 // every row of this input; the last one is sampled
 		}
-		tw.generated[x.seq] = append(tw.generated[x.seq], argmax(logits[row*V:(row+1)*V]))
+		tw.generated[x.seq] = append(tw.generated[x.seq], modeltest.Argmax(logits[row*V:(row+1)*V]))
 		row++
 	}
 }

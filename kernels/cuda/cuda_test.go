@@ -10,6 +10,7 @@ import (
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
 // TestNoCUDAIsAClearError runs everywhere: without a driver New must fail
@@ -190,26 +191,6 @@ func (p *pairT) weight(dt kernels.DType, layout kernels.ScaleLayout, block [2]in
 	return w
 }
 
-// relErr is max|got-want| / max|want| (NaN anywhere is +Inf).
-func relErr(got, want []float32) float64 {
-	if len(got) != len(want) {
-		return math.Inf(1)
-	}
-	var md, mr float64
-	for i := range want {
-		d := math.Abs(float64(got[i]) - float64(want[i]))
-		if math.IsNaN(d) {
-			return math.Inf(1)
-		}
-		md = math.Max(md, d)
-		mr = math.Max(mr, math.Abs(float64(want[i])))
-	}
-	if mr == 0 {
-		return md
-	}
-	return md / mr
-}
-
 // check downloads both sides of x and compares them.
 func (p *pairT) check(what string, x twin, tol float64) {
 	p.t.Helper()
@@ -221,7 +202,7 @@ func (p *pairT) check(what string, x twin, tol float64) {
 	if err != nil {
 		p.t.Fatalf("%s: %v", what, err)
 	}
-	if r := relErr(got, want); r > tol {
+	if r := modeltest.RelErr(got, want); r > tol {
 		p.t.Errorf("%s: rel err %.3g > %g", what, r, tol)
 	}
 }

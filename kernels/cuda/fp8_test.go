@@ -11,6 +11,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 	"github.com/glmtopo/glmtopo/model/safetensors"
 	"github.com/glmtopo/glmtopo/parallel"
 )
@@ -87,13 +88,13 @@ func compareFP8Prompt(t *testing.T, g, c *parallel.Engine, prompt []int32, V, i 
 	}
 	defer cres.Release()
 	gl, cl := download(t, g.BE, gres.Logits), download(t, c.BE, cres.Logits)
-	if r := relErr(gl, cl); r > goldenTol {
+	if r := modeltest.RelErr(gl, cl); r > goldenTol {
 		t.Errorf("prompt %d (%d tokens) fp8 logits: gpu vs cpu rel err %.3g > %g", i, T, r, goldenTol)
 	} else {
 		t.Logf("prompt %d (%d tokens) fp8 logits gpu vs cpu rel err %.2e", i, T, r)
 	}
 	if g.W.MTP != nil {
-		next := append(append([]int32(nil), prompt[1:]...), argmax(cl[(T-1)*V:]))
+		next := append(append([]int32(nil), prompt[1:]...), modeltest.Argmax(cl[(T-1)*V:]))
 		gm, err := g.MTPStep([]parallel.StepInput{{Seq: gs, Tokens: next}}, gres.Normed)
 		if err != nil {
 			t.Fatal(err)
@@ -102,7 +103,7 @@ func compareFP8Prompt(t *testing.T, g, c *parallel.Engine, prompt []int32, V, i 
 		if err != nil {
 			t.Fatal(err)
 		}
-		if r := relErr(download(t, g.BE, gm.Logits), download(t, c.BE, cm.Logits)); r > goldenTol {
+		if r := modeltest.RelErr(download(t, g.BE, gm.Logits), download(t, c.BE, cm.Logits)); r > goldenTol {
 			t.Errorf("prompt %d fp8 mtp logits: gpu vs cpu rel err %.3g > %g", i, r, goldenTol)
 		} else {
 			t.Logf("prompt %d fp8 mtp logits rel err %.2e", i, r)
@@ -110,10 +111,10 @@ func compareFP8Prompt(t *testing.T, g, c *parallel.Engine, prompt []int32, V, i 
 		gm.Release()
 		cm.Release()
 	}
-	tok, ctok := argmax(gl[(T-1)*V:]), argmax(cl[(T-1)*V:])
+	tok, ctok := modeltest.Argmax(gl[(T-1)*V:]), modeltest.Argmax(cl[(T-1)*V:])
 	last := cl[(T-1)*V:]
 	for step := 0; step < 16; step++ {
-		if gap(last) < 0.01 {
+		if modeltest.TopGap(last) < 0.01 {
 			t.Logf("prompt %d: top-2 gap under 1%% at step %d; greedy compared up to here", i, step)
 			return
 		}
@@ -125,14 +126,14 @@ func compareFP8Prompt(t *testing.T, g, c *parallel.Engine, prompt []int32, V, i 
 		if err != nil {
 			t.Fatal(err)
 		}
-		tok = argmax(download(t, g.BE, r.Logits))
+		tok = modeltest.Argmax(download(t, g.BE, r.Logits))
 		r.Release()
 		cr, err := c.Step([]parallel.StepInput{{Seq: cs, Tokens: []int32{ctok}}}, false)
 		if err != nil {
 			t.Fatal(err)
 		}
 		last = download(t, c.BE, cr.Logits)
-		ctok = argmax(last)
+		ctok = modeltest.Argmax(last)
 		cr.Release()
 	}
 	t.Logf("prompt %d: 16 greedy tokens equal", i)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"path/filepath"
 	"testing"
 
@@ -12,6 +11,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/model/modeltest"
 	"github.com/glmtopo/glmtopo/model/safetensors"
 	"github.com/glmtopo/glmtopo/parallel"
 )
@@ -23,47 +23,6 @@ const goldenTol = 2e-2
 // (rel err 0.18 with the tensor-core kernels and with the CUDA-core ones
 // alike, against ~1e-5 with an F32 cache); every other prompt stays < 1e-2.
 const bf16KVTol = 0.25
-
-func relErr(got, want []float32) float64 {
-	if len(got) != len(want) {
-		return math.Inf(1)
-	}
-	var md, mr float64
-	for i := range want {
-		d := math.Abs(float64(got[i]) - float64(want[i]))
-		if math.IsNaN(d) {
-			return math.Inf(1)
-		}
-		md, mr = math.Max(md, d), math.Max(mr, math.Abs(float64(want[i])))
-	}
-	return md / mr
-}
-
-func argmax(row []float32) int32 {
-	best := 0
-	for i, v := range row {
-		if v > row[best] {
-			best = i
-		}
-	}
-	return int32(best)
-}
-
-// gap is the top-2 logit gap relative to the largest |logit|.
-func gap(row []float32) float64 {
-	t1, t2 := math.Inf(-1), math.Inf(-1)
-	var mx float64
-	for _, v := range row {
-		x := float64(v)
-		mx = math.Max(mx, math.Abs(x))
-		if x > t1 {
-			t1, t2 = x, t1
-		} else if x > t2 {
-			t2 = x
-		}
-	}
-	return (t1 - t2) / mx
-}
 
 func engine(t *testing.T, be kernels.Backend, dir string, kv kernels.DType) *parallel.Engine {
 	t.Helper()
@@ -181,17 +140,17 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 				if tc.kv == kernels.BF16 {
 					tol = bf16KVTol
 				}
-				if r := relErr(logits, f32(fmt.Sprintf("logits_%d", i))); r > tol {
+				if r := modeltest.RelErr(logits, f32(fmt.Sprintf("logits_%d", i))); r > tol {
 					t.Errorf("prompt %d logits: rel err %.3g > %g", i, r, tol)
 				} else {
 					t.Logf("prompt %d (%d tokens) logits rel err %.2e", i, T, r)
 				}
-				next := append(append([]int32(nil), prompt[1:]...), argmax(logits[(T-1)*V:]))
+				next := append(append([]int32(nil), prompt[1:]...), modeltest.Argmax(logits[(T-1)*V:]))
 				mres, err := g.MTPStep([]parallel.StepInput{{Seq: gs, Tokens: next}}, res.Normed)
 				if err != nil {
 					t.Fatal(err)
 				}
-				if r := relErr(download(t, be, mres.Logits), f32(fmt.Sprintf("mtp_logits_%d", i))); r > tol {
+				if r := modeltest.RelErr(download(t, be, mres.Logits), f32(fmt.Sprintf("mtp_logits_%d", i))); r > tol {
 					t.Errorf("prompt %d mtp logits: rel err %.3g > %g", i, r, tol)
 				} else {
 					t.Logf("prompt %d mtp logits rel err %.2e", i, r)
@@ -205,10 +164,10 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 				cl := download(t, c.BE, cres.Logits)
 				cres.Release()
 				want := ids(fmt.Sprintf("greedy_%d", i))
-				tok := argmax(logits[(T-1)*V:])
-				ctok := argmax(cl)
+				tok := modeltest.Argmax(logits[(T-1)*V:])
+				ctok := modeltest.Argmax(cl)
 				for step := 0; step < len(want); step++ {
-					if gap(cl) < 0.01 {
+					if modeltest.TopGap(cl) < 0.01 {
 						t.Logf("prompt %d: top-2 gap under 1%% at step %d; greedy compared up to here", i, step)
 						break
 					}
@@ -220,14 +179,14 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					tok = argmax(download(t, be, r.Logits))
+					tok = modeltest.Argmax(download(t, be, r.Logits))
 					r.Release()
 					cr, err := c.Step([]parallel.StepInput{{Seq: cs, Tokens: []int32{ctok}}}, false)
 					if err != nil {
 						t.Fatal(err)
 					}
 					cl = download(t, c.BE, cr.Logits)
-					ctok = argmax(cl)
+					ctok = modeltest.Argmax(cl)
 					cr.Release()
 				}
 				g.KV.Release(gs)
