@@ -18,7 +18,7 @@ import (
 // their logits stay near the bf16 golden and their greedy tokens are reported.
 func TestFP8FixtureModels(t *testing.T) {
 	root := filepath.Join("..", "testdata", "glm4moe", "tiny")
-	g := openGolden(t, root)
+	g := modeltest.OpenGolden(t, root)
 	for _, q := range []*model.Quantization{model.FP8PerChannel(), model.FP8Block()} {
 		t.Run(q.Scheme.String(), func(t *testing.T) {
 			dir := t.TempDir()
@@ -46,7 +46,7 @@ func TestFP8FixtureModels(t *testing.T) {
 			}
 			defer re.Close()
 			for i := 0; i < 4; i++ {
-				prompt := g.ids(fmt.Sprintf("prompt_%d", i))
+				prompt := g.IDs(fmt.Sprintf("prompt_%d", i))
 				rseq := &Seq{}
 				rres, err := re.Step([]StepInput{{Seq: rseq, Tokens: prompt}}, true)
 				if err != nil {
@@ -65,7 +65,7 @@ func TestFP8FixtureModels(t *testing.T) {
 				if r := modeltest.RelErr(logits, rlogits); r > 1e-5 {
 					t.Errorf("prompt %d: fp8 weights vs the same weights in f32: rel err %.3g", i, r)
 				}
-				want, _ := g.f32(fmt.Sprintf("logits_%d", i))
+				want := g.F32(fmt.Sprintf("logits_%d", i))
 				// Random-weight models amplify weight noise (a flipped expert choice
 				// changes a token's output entirely), so compare direction, not max error.
 				r := modeltest.RelErr(logits, want)
@@ -88,7 +88,7 @@ func TestFP8FixtureModels(t *testing.T) {
 				}
 				e.KV.Release(seq)
 				same := 0
-				for j, v := range g.ids(fmt.Sprintf("greedy_%d", i)) {
+				for j, v := range g.IDs(fmt.Sprintf("greedy_%d", i)) {
 					if greedy[j] != v {
 						break
 					}

@@ -10,51 +10,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
-	"github.com/glmtopo/glmtopo/model/safetensors"
 )
-
-// golden reads the transformers reference outputs of a fixture case.
-type golden struct {
-	ck *safetensors.Checkpoint
-	t  *testing.T
-}
-
-func openGolden(t *testing.T, dir string) *golden {
-	f, err := safetensors.OpenDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return &golden{f, t}
-}
-
-func (g *golden) f32(name string) ([]float32, []int64) {
-	tt, err := g.ck.Tensor(name)
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	v, err := tt.Float32()
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	return v, tt.Shape
-}
-
-func (g *golden) ids(name string) []int32 {
-	tt, err := g.ck.Tensor(name)
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	v, err := tt.Int64()
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	out := make([]int32, len(v))
-	for i, x := range v {
-		out[i] = int32(x)
-	}
-	return out
-}
 
 func loadFixtureEngine(t *testing.T, dir string) *Engine {
 	t.Helper()
@@ -83,10 +39,10 @@ func TestGoldenFixtures(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			root := filepath.Join("..", "testdata", "glm4moe", name)
 			e := loadFixtureEngine(t, filepath.Join(root, "model"))
-			g := openGolden(t, root)
+			g := modeltest.OpenGolden(t, root)
 			cfg := e.Cfg
 			for i := 0; i < 4; i++ {
-				prompt := g.ids(fmt.Sprintf("prompt_%d", i))
+				prompt := g.IDs(fmt.Sprintf("prompt_%d", i))
 				// Hidden states after every layer, for prompt 1.
 				var hidden map[int][]float32
 				if i == 1 {
@@ -107,24 +63,24 @@ func TestGoldenFixtures(t *testing.T) {
 				}
 				logits, _ := e.BE.Download(res.Logits)
 				normed, _ := e.BE.Download(res.Normed)
-				want, _ := g.f32(fmt.Sprintf("logits_%d", i))
+				want := g.F32(fmt.Sprintf("logits_%d", i))
 				if r := modeltest.RelErr(logits, want); r > goldenTol {
 					t.Errorf("prompt %d logits: rel err %.3g > %g", i, r, goldenTol)
 				} else {
 					t.Logf("prompt %d (%d tokens) logits rel err %.2e", i, len(prompt), r)
 				}
-				wantH, _ := g.f32(fmt.Sprintf("final_hidden_%d", i))
+				wantH := g.F32(fmt.Sprintf("final_hidden_%d", i))
 				if r := modeltest.RelErr(normed, wantH); r > goldenTol {
 					t.Errorf("prompt %d final hidden: rel err %.3g", i, r)
 				}
 				if i == 1 {
 					for l := 0; l < cfg.NumHiddenLayers; l++ {
-						want, _ := g.f32(fmt.Sprintf("hidden_1_%d", l))
+						want := g.F32(fmt.Sprintf("hidden_1_%d", l))
 						if r := modeltest.RelErr(hidden[l], want); r > goldenTol {
 							t.Errorf("prompt 1 hidden after layer %d: rel err %.3g", l-1, r)
 						}
 					}
-					want, _ := g.f32(fmt.Sprintf("hidden_1_%d", cfg.NumHiddenLayers))
+					want := g.F32(fmt.Sprintf("hidden_1_%d", cfg.NumHiddenLayers))
 					if r := modeltest.RelErr(normed, want); r > goldenTol {
 						t.Errorf("prompt 1 final normed hidden: rel err %.3g", r)
 					}
@@ -133,7 +89,7 @@ func TestGoldenFixtures(t *testing.T) {
 				V := cfg.VocabSize
 				T := len(prompt)
 				next := append(append([]int32(nil), prompt[1:]...), modeltest.Argmax(logits[(T-1)*V:]))
-				wantNext := g.ids(fmt.Sprintf("mtp_input_%d", i))
+				wantNext := g.IDs(fmt.Sprintf("mtp_input_%d", i))
 				for j := range next {
 					if next[j] != wantNext[j] {
 						t.Fatalf("prompt %d: mtp input %v, golden %v", i, next, wantNext)
@@ -144,7 +100,7 @@ func TestGoldenFixtures(t *testing.T) {
 					t.Fatal(err)
 				}
 				mtp, _ := e.BE.Download(mres.Logits)
-				wantM, _ := g.f32(fmt.Sprintf("mtp_logits_%d", i))
+				wantM := g.F32(fmt.Sprintf("mtp_logits_%d", i))
 				if r := modeltest.RelErr(mtp, wantM); r > goldenTol {
 					t.Errorf("prompt %d mtp logits: rel err %.3g", i, r)
 				} else {
@@ -165,7 +121,7 @@ func TestGoldenFixtures(t *testing.T) {
 					tok = modeltest.Argmax(l)
 					greedy = append(greedy, tok)
 				}
-				wantG := g.ids(fmt.Sprintf("greedy_%d", i))
+				wantG := g.IDs(fmt.Sprintf("greedy_%d", i))
 				for j := range wantG {
 					if greedy[j] != wantG[j] {
 						t.Errorf("prompt %d greedy: got %v want %v", i, greedy, wantG)

@@ -2,7 +2,6 @@ package parallel
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -11,6 +10,7 @@ import (
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
+	"github.com/glmtopo/glmtopo/kernels/cuda/cudatest"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
 )
@@ -29,17 +29,10 @@ var gpuGraphTol = map[kernels.DType]float64{kernels.F32: 1e-3, kernels.BF16: 2e-
 // scheduler both ways (greedy tokens equal to each other and to the CPU
 // reference up to its first near tie), and logs decode step times.
 func TestDecodeGraphsOnGPU(t *testing.T) {
-	be, err := cuda.New(cuda.Options{})
-	if errors.Is(err, cuda.ErrNoCUDA) {
-		t.Skipf("no CUDA: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer be.Close()
+	be := cudatest.Open(t, cuda.Options{})
 	root := filepath.Join("..", "testdata", "glm4moe", "tiny")
 	dir := filepath.Join(root, "model")
-	g := openGolden(t, root)
+	g := modeltest.OpenGolden(t, root)
 	cfg, err := model.LoadConfig(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -109,14 +102,14 @@ type greedyRef struct {
 	reliable int
 }
 
-func cpuReference(t *testing.T, root string, g *golden) []greedyRef {
+func cpuReference(t *testing.T, root string, g *modeltest.Golden) []greedyRef {
 	t.Helper()
 	e := loadFixtureEngine(t, filepath.Join(root, "model"))
 	V := e.Cfg.VocabSize
 	out := make([]greedyRef, len(graphWorkload))
 	for i, w := range graphWorkload {
 		seq := &Seq{}
-		toks := g.ids(fmt.Sprintf("prompt_%d", w.prompt))
+		toks := g.IDs(fmt.Sprintf("prompt_%d", w.prompt))
 		r := &out[i]
 		r.reliable = -1
 		for len(r.tokens) < w.maxNew {

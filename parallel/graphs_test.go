@@ -192,8 +192,8 @@ var phaseOptions = EngineOptions{GraphMaxSeqs: 6, GraphMinContext: 16}
 // and all-rows steps (eager) and a batch wider than the graphs, checking
 // which steps capture a graph and which replay one. Sequences 0-4 start
 // from prompts 0, 1, 2, 3, 0 of g.
-func graphPhases(t *testing.T, tw *twinEngines, g *golden) {
-	prompt := func(i int) []int32 { return g.ids(fmt.Sprintf("prompt_%d", i)) } // 1, 7, 33, 64 tokens
+func graphPhases(t *testing.T, tw *twinEngines, g *modeltest.Golden) {
+	prompt := func(i int) []int32 { return g.IDs(fmt.Sprintf("prompt_%d", i)) } // 1, 7, 33, 64 tokens
 	type counts struct{ captures, replays int }
 	phase := func(name string, want counts, run func()) {
 		before := tw.graph.GraphStats()
@@ -249,11 +249,11 @@ func TestDecodeGraphStepsMatchEager(t *testing.T) {
 		t.Fatalf("graph engine pool %d blocks (%d free), eager %d: the scratch block must not count",
 			ge.KV.NumBlocks, ge.KV.FreeBlocks(), re.KV.NumBlocks)
 	}
-	g := openGolden(t, filepath.Join("..", "testdata", "glm4moe", "tiny"))
+	g := modeltest.OpenGolden(t, filepath.Join("..", "testdata", "glm4moe", "tiny"))
 	tw := newTwinEngines(t, ge, re, 0)
 	graphPhases(t, tw, g)
 	for seq, p := range []int{0, 1, 2, 3, 0} {
-		want := g.ids(fmt.Sprintf("greedy_%d", p))
+		want := g.IDs(fmt.Sprintf("greedy_%d", p))
 		got := tw.generated[seq]
 		n := min(len(got), len(want))
 		if n < 10 || !slices.Equal(got[:n], want[:n]) {
@@ -276,7 +276,7 @@ var graphWorkload = []struct{ prompt, maxNew int }{
 }
 
 // runGraphWorkload sends graphWorkload to s at once and returns each request's tokens.
-func runGraphWorkload(t *testing.T, s *Scheduler, g *golden) [][]int {
+func runGraphWorkload(t *testing.T, s *Scheduler, g *modeltest.Golden) [][]int {
 	t.Helper()
 	out := make([][]int, len(graphWorkload))
 	errs := make([]error, len(graphWorkload))
@@ -285,7 +285,7 @@ func runGraphWorkload(t *testing.T, s *Scheduler, g *golden) [][]int {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			req := Request{PromptIDs: ints(g.ids(fmt.Sprintf("prompt_%d", w.prompt))), MaxNewTokens: w.maxNew, IgnoreEOS: true}
+			req := Request{PromptIDs: ints(g.IDs(fmt.Sprintf("prompt_%d", w.prompt))), MaxNewTokens: w.maxNew, IgnoreEOS: true}
 			out[i], _, errs[i] = collect(context.Background(), s, req)
 		}()
 	}
@@ -301,7 +301,7 @@ func runGraphWorkload(t *testing.T, s *Scheduler, g *golden) [][]int {
 // TestSchedulerDecodeGraphsMatchEager serves the same requests with decode
 // graphs and eagerly: the tokens must be identical and match the goldens.
 func TestSchedulerDecodeGraphsMatchEager(t *testing.T) {
-	g := openGolden(t, filepath.Join("..", "testdata", "glm4moe", "tiny"))
+	g := modeltest.OpenGolden(t, filepath.Join("..", "testdata", "glm4moe", "tiny"))
 	var tokens [2][][]int
 	for i, eager := range []bool{false, true} {
 		e, be := graphEngine(t, "tiny", EngineOptions{EnforceEager: eager, GraphMinContext: 16})
@@ -322,7 +322,7 @@ func TestSchedulerDecodeGraphsMatchEager(t *testing.T) {
 		if !slices.Equal(tokens[0][i], tokens[1][i]) {
 			t.Errorf("request %d: graphs %v, eager %v", i, tokens[0][i], tokens[1][i])
 		}
-		want := ints(g.ids(fmt.Sprintf("greedy_%d", w.prompt)))
+		want := ints(g.IDs(fmt.Sprintf("greedy_%d", w.prompt)))
 		n := min(w.maxNew, len(want))
 		if len(tokens[0][i]) != w.maxNew || !slices.Equal(tokens[0][i][:n], want[:n]) {
 			t.Errorf("request %d: %v, golden %v", i, tokens[0][i], want)
@@ -337,9 +337,9 @@ func TestDecodeGraphCaptureFailureFallsBack(t *testing.T) {
 	ge, gbe := graphEngine(t, "tiny", EngineOptions{})
 	gbe.failEnd = true
 	re, rbe := graphEngine(t, "tiny", EngineOptions{EnforceEager: true})
-	g := openGolden(t, filepath.Join("..", "testdata", "glm4moe", "tiny"))
+	g := modeltest.OpenGolden(t, filepath.Join("..", "testdata", "glm4moe", "tiny"))
 	tw := newTwinEngines(t, ge, re, 0)
-	tw.step(false, seqInput{0, g.ids("prompt_1")})
+	tw.step(false, seqInput{0, g.IDs("prompt_1")})
 	tw.decode(1, 0) // warm-up, failed capture
 	if ge.graphs == nil || !ge.graphs.failed {
 		t.Fatal("the failed capture was not noticed")
@@ -348,7 +348,7 @@ func TestDecodeGraphCaptureFailureFallsBack(t *testing.T) {
 	if ge.graphs != nil || gbe.graphs != 0 || len(gbe.metas) != 0 || gbe.captures != 0 {
 		t.Errorf("after a failed capture: graphs %v, %d on the backend, %d batch metadata", ge.graphs, gbe.graphs, len(gbe.metas))
 	}
-	if want := g.ids("greedy_1")[:5]; !slices.Equal(tw.generated[0], want) {
+	if want := g.IDs("greedy_1")[:5]; !slices.Equal(tw.generated[0], want) {
 		t.Errorf("greedy %v, golden %v", tw.generated[0], want)
 	}
 	checkReleased(t, ge, gbe)

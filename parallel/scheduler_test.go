@@ -8,14 +8,16 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
-func fixtureScheduler(t *testing.T, opt SchedulerOptions) (*Scheduler, *golden) {
+func fixtureScheduler(t *testing.T, opt SchedulerOptions) (*Scheduler, *modeltest.Golden) {
 	root := filepath.Join("..", "testdata", "glm4moe", "tiny")
 	e := loadFixtureEngine(t, filepath.Join(root, "model"))
 	s := NewScheduler(e, opt)
 	t.Cleanup(s.Close)
-	return s, openGolden(t, root)
+	return s, modeltest.OpenGolden(t, root)
 }
 
 func ints(v []int32) []int {
@@ -42,8 +44,8 @@ func TestSchedulerGreedyMatchesGoldenConcurrently(t *testing.T) {
 	errs := make(chan error, 16)
 	for rep := 0; rep < 4; rep++ {
 		for i := 0; i < 4; i++ {
-			prompt := ints(g.ids(fmt.Sprintf("prompt_%d", i)))
-			want := ints(g.ids(fmt.Sprintf("greedy_%d", i)))
+			prompt := ints(g.IDs(fmt.Sprintf("prompt_%d", i)))
+			want := ints(g.IDs(fmt.Sprintf("greedy_%d", i)))
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -71,8 +73,8 @@ func TestSchedulerGreedyMatchesGoldenConcurrently(t *testing.T) {
 
 func TestSchedulerStops(t *testing.T) {
 	s, g := fixtureScheduler(t, SchedulerOptions{})
-	prompt := ints(g.ids("prompt_1"))
-	greedy := ints(g.ids("greedy_1")) // 594 ×10, then 360, 95, ...
+	prompt := ints(g.IDs("prompt_1"))
+	greedy := ints(g.IDs("greedy_1")) // 594 ×10, then 360, 95, ...
 	ctx := context.Background()
 
 	// A stop token ends the sequence without being emitted.
@@ -101,7 +103,7 @@ func TestSchedulerStops(t *testing.T) {
 
 func TestSchedulerSampling(t *testing.T) {
 	s, g := fixtureScheduler(t, SchedulerOptions{})
-	prompt := ints(g.ids("prompt_2"))
+	prompt := ints(g.IDs("prompt_2"))
 	ctx := context.Background()
 	req := Request{PromptIDs: prompt, MaxNewTokens: 24, IgnoreEOS: true,
 		Sampling: SamplingParams{Temperature: 1.5, TopP: 0.95, TopK: 50, Seed: 7, HasSeed: true}}
@@ -118,7 +120,7 @@ func TestSchedulerSampling(t *testing.T) {
 	if fmt.Sprint(a) == fmt.Sprint(c) {
 		t.Errorf("different seeds gave identical samples %v", a)
 	}
-	if fmt.Sprint(a) == fmt.Sprint(ints(g.ids("greedy_2"))) {
+	if fmt.Sprint(a) == fmt.Sprint(ints(g.IDs("greedy_2"))) {
 		t.Errorf("temperature 1.5 sampled exactly the greedy tokens")
 	}
 }
@@ -151,7 +153,7 @@ func TestSchedulerErrors(t *testing.T) {
 
 func TestSchedulerCancelFreesAtOnce(t *testing.T) {
 	s, g := fixtureScheduler(t, SchedulerOptions{})
-	prompt := ints(g.ids("prompt_3"))
+	prompt := ints(g.IDs("prompt_3"))
 	ctx, cancel := context.WithCancel(context.Background())
 	n := 0
 	res, err := s.Generate(ctx, Request{PromptIDs: prompt, MaxNewTokens: 3000, IgnoreEOS: true}, func(int) error {
@@ -174,7 +176,7 @@ func TestSchedulerCancelFreesAtOnce(t *testing.T) {
 
 func TestSchedulerSaturated(t *testing.T) {
 	s, g := fixtureScheduler(t, SchedulerOptions{MaxNumSeqs: 1, MaxWaiting: 2})
-	prompt := ints(g.ids("prompt_0"))
+	prompt := ints(g.IDs("prompt_0"))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var wg sync.WaitGroup
@@ -220,8 +222,8 @@ func TestSchedulerChunkedPrefill(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)
 	for i := 0; i < 4; i++ {
-		prompt := ints(g.ids(fmt.Sprintf("prompt_%d", i)))
-		want := ints(g.ids(fmt.Sprintf("greedy_%d", i)))
+		prompt := ints(g.IDs(fmt.Sprintf("prompt_%d", i)))
+		want := ints(g.IDs(fmt.Sprintf("greedy_%d", i)))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -2,7 +2,6 @@ package cuda_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"testing"
@@ -10,9 +9,9 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
+	"github.com/glmtopo/glmtopo/kernels/cuda/cudatest"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
-	"github.com/glmtopo/glmtopo/model/safetensors"
 	"github.com/glmtopo/glmtopo/parallel"
 )
 
@@ -24,22 +23,11 @@ import (
 // tensor-core GEMV for short rows, dequantize + cuBLAS for wide ones, and the
 // routed-expert kernels on e4m3 experts.
 func TestFP8CheckpointsOnGPU(t *testing.T) {
-	gb, err := cuda.New(cuda.Options{})
-	if errors.Is(err, cuda.ErrNoCUDA) {
-		t.Skipf("no CUDA: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gb.Close()
+	gb := cudatest.Open(t, cuda.Options{})
 	cb := cpu.New(2)
 	for _, fixture := range []string{"tiny", "tiny_qknorm"} {
 		root := filepath.Join("..", "..", "testdata", "glm4moe", fixture)
-		gold, err := safetensors.OpenDir(root)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer gold.Close()
+		gold := modeltest.OpenGolden(t, root)
 		for _, q := range []*model.Quantization{model.FP8PerChannel(), model.FP8Block()} {
 			t.Run(fmt.Sprintf("%s/%v", fixture, q.Scheme), func(t *testing.T) {
 				dir := t.TempDir()
@@ -50,18 +38,7 @@ func TestFP8CheckpointsOnGPU(t *testing.T) {
 				c := engine(t, cb, dir, kernels.F32)
 				V := g.Cfg.VocabSize
 				for i := 0; i < 4; i++ {
-					tt, err := gold.Tensor(fmt.Sprintf("prompt_%d", i))
-					if err != nil {
-						t.Fatal(err)
-					}
-					p64, err := tt.Int64()
-					if err != nil {
-						t.Fatal(err)
-					}
-					prompt := make([]int32, len(p64))
-					for j, x := range p64 {
-						prompt[j] = int32(x)
-					}
+					prompt := gold.IDs(fmt.Sprintf("prompt_%d", i))
 					compareFP8Prompt(t, g, c, prompt, V, i)
 				}
 			})

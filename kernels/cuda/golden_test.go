@@ -2,7 +2,6 @@ package cuda_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"testing"
@@ -10,9 +9,9 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
+	"github.com/glmtopo/glmtopo/kernels/cuda/cudatest"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
-	"github.com/glmtopo/glmtopo/model/safetensors"
 	"github.com/glmtopo/glmtopo/parallel"
 )
 
@@ -57,24 +56,9 @@ func download(t *testing.T, be kernels.Backend, x *kernels.Tensor) []float32 {
 // decoding through the paged cache, compared token by token until the CPU
 // reference's top-2 gap falls under 1% (where rounding may flip a choice).
 func TestGoldenFixturesOnGPU(t *testing.T) {
-	gb, err := cuda.New(cuda.Options{})
-	if errors.Is(err, cuda.ErrNoCUDA) {
-		t.Skipf("no CUDA: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gb.Close()
-	plain, err := cuda.New(cuda.Options{NoTensorCoreAttention: true, NoTensorCoreGemv: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer plain.Close()
-	perHead, err := cuda.New(cuda.Options{NoFlashAttention: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer perHead.Close()
+	gb := cudatest.Open(t, cuda.Options{})
+	plain := cudatest.Open(t, cuda.Options{NoTensorCoreAttention: true, NoTensorCoreGemv: true})
+	perHead := cudatest.Open(t, cuda.Options{NoFlashAttention: true})
 	for _, tc := range []struct {
 		name    string
 		kv      kernels.DType
@@ -95,40 +79,10 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 			root := filepath.Join("..", "..", "testdata", "glm4moe", name)
 			g := engine(t, be, filepath.Join(root, "model"), tc.kv)
 			c := engine(t, cpu.New(2), filepath.Join(root, "model"), kernels.F32)
-			gold, err := safetensors.OpenDir(root)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer gold.Close()
-			f32 := func(n string) []float32 {
-				tt, err := gold.Tensor(n)
-				if err != nil {
-					t.Fatal(err)
-				}
-				v, err := tt.Float32()
-				if err != nil {
-					t.Fatal(err)
-				}
-				return v
-			}
-			ids := func(n string) []int32 {
-				tt, err := gold.Tensor(n)
-				if err != nil {
-					t.Fatal(err)
-				}
-				v, err := tt.Int64()
-				if err != nil {
-					t.Fatal(err)
-				}
-				out := make([]int32, len(v))
-				for i, x := range v {
-					out[i] = int32(x)
-				}
-				return out
-			}
+			gold := modeltest.OpenGolden(t, root)
 			V := g.Cfg.VocabSize
 			for i := 0; i < 4; i++ {
-				prompt := ids(fmt.Sprintf("prompt_%d", i))
+				prompt := gold.IDs(fmt.Sprintf("prompt_%d", i))
 				T := len(prompt)
 				gs, cs := &parallel.Seq{}, &parallel.Seq{}
 				res, err := g.Step([]parallel.StepInput{{Seq: gs, Tokens: prompt}}, true)
@@ -140,7 +94,7 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 				if tc.kv == kernels.BF16 {
 					tol = bf16KVTol
 				}
-				if r := modeltest.RelErr(logits, f32(fmt.Sprintf("logits_%d", i))); r > tol {
+				if r := modeltest.RelErr(logits, gold.F32(fmt.Sprintf("logits_%d", i))); r > tol {
 					t.Errorf("prompt %d logits: rel err %.3g > %g", i, r, tol)
 				} else {
 					t.Logf("prompt %d (%d tokens) logits rel err %.2e", i, T, r)
@@ -150,7 +104,7 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if r := modeltest.RelErr(download(t, be, mres.Logits), f32(fmt.Sprintf("mtp_logits_%d", i))); r > tol {
+				if r := modeltest.RelErr(download(t, be, mres.Logits), gold.F32(fmt.Sprintf("mtp_logits_%d", i))); r > tol {
 					t.Errorf("prompt %d mtp logits: rel err %.3g > %g", i, r, tol)
 				} else {
 					t.Logf("prompt %d mtp logits rel err %.2e", i, r)
@@ -163,7 +117,7 @@ func TestGoldenFixturesOnGPU(t *testing.T) {
 				}
 				cl := download(t, c.BE, cres.Logits)
 				cres.Release()
-				want := ids(fmt.Sprintf("greedy_%d", i))
+				want := gold.IDs(fmt.Sprintf("greedy_%d", i))
 				tok := modeltest.Argmax(logits[(T-1)*V:])
 				ctok := modeltest.Argmax(cl)
 				for step := 0; step < len(want); step++ {
