@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -547,35 +548,15 @@ func (b *bench) timeGraph(bt *kernels.Batch, iters int) (float64, error) {
 		return 0, err
 	}
 	defer tm.Close()
-	var times []float64
-	for i := 0; i < iters+2; i++ {
-		if err := tm.Start(); err != nil {
-			return 0, err
-		}
-		if err := g.Launch(); err != nil {
-			return 0, err
-		}
-		if err := tm.Stop(); err != nil {
-			return 0, err
-		}
-		s, err := tm.Seconds()
-		if err != nil {
-			return 0, err
-		}
-		if i >= 2 {
-			times = append(times, s)
-		}
+	sec, err := tm.Median(2, iters, g.Launch)
+	if err != nil {
+		return 0, err
 	}
-	return median(times), be.Sync()
+	return sec, be.Sync()
 }
 
 func median(v []float64) float64 {
-	s := append([]float64(nil), v...)
-	for i := 1; i < len(s); i++ {
-		for j := i; j > 0 && s[j] < s[j-1]; j-- {
-			s[j], s[j-1] = s[j-1], s[j]
-		}
-	}
+	s := slices.Sorted(slices.Values(v))
 	return s[len(s)/2]
 }
 

@@ -48,6 +48,31 @@ func (t *Timer) Seconds() (float64, error) {
 	return float64(ms) / 1e3, err
 }
 
+// Median runs fn between the timer's events warmup+iters times and returns
+// the median device time of the last iters, in seconds.
+func (t *Timer) Median(warmup, iters int, fn func() error) (float64, error) {
+	var times []float64
+	for i := range warmup + iters {
+		if err := t.Start(); err != nil {
+			return 0, err
+		}
+		if err := fn(); err != nil {
+			return 0, err
+		}
+		if err := t.Stop(); err != nil {
+			return 0, err
+		}
+		s, err := t.Seconds()
+		if err != nil {
+			return 0, err
+		}
+		if i >= warmup {
+			times = append(times, s)
+		}
+	}
+	return median(times), nil
+}
+
 // Close destroys the events.
 func (t *Timer) Close() {
 	t.b.op(func() error {
@@ -121,29 +146,15 @@ func (b *Backend) ReadBandwidth(bytes int64, iters int) (float64, error) {
 	n := int64(t.Elements()*2) / 16
 	p := t.Impl.(*buf).ptr
 	sp := sink.Impl.(*buf).ptr
-	var times []float64
-	for i := 0; i < iters+2; i++ {
-		if err := tm.Start(); err != nil {
-			return 0, err
-		}
-		err := b.op(func() error {
+	sec, err := tm.Median(2, iters, func() error {
+		return b.op(func() error {
 			return b.launch("ops", "read_probe", [3]uint32{uint32(b.sms * 8), 1, 1}, [3]uint32{512, 1, 1}, 0, p, n, sp)
 		})
-		if err != nil {
-			return 0, err
-		}
-		if err := tm.Stop(); err != nil {
-			return 0, err
-		}
-		s, err := tm.Seconds()
-		if err != nil {
-			return 0, err
-		}
-		if i >= 2 {
-			times = append(times, s)
-		}
+	})
+	if err != nil {
+		return 0, err
 	}
-	return float64(n*16) / median(times), nil
+	return float64(n*16) / sec, nil
 }
 
 // GemmFLOPS measures cuBLAS bf16 GEMM throughput (FLOP/s) on random data
@@ -178,23 +189,13 @@ func (b *Backend) GemmFLOPS(m, n, k, iters int) (float64, error) {
 		return 0, err
 	}
 	defer tm.Close()
-	var times []float64
-	for i := 0; i < iters+2; i++ {
-		tm.Start()
-		err := b.op(func() error {
+	sec, err := tm.Median(2, iters, func() error {
+		return b.op(func() error {
 			return b.blas.gemmBF16(out.Impl.(*buf).ptr, x.Impl.(*buf).ptr, w.Impl.(*buf).ptr, m, n, k)
 		})
-		if err != nil {
-			return 0, err
-		}
-		tm.Stop()
-		s, err := tm.Seconds()
-		if err != nil {
-			return 0, err
-		}
-		if i >= 2 {
-			times = append(times, s)
-		}
+	})
+	if err != nil {
+		return 0, err
 	}
-	return 2 * float64(m) * float64(n) * float64(k) / median(times), nil
+	return 2 * float64(m) * float64(n) * float64(k) / sec, nil
 }
