@@ -236,3 +236,21 @@ func TestSgSplits(t *testing.T) {
 		}
 	}
 }
+
+// TestTensorArgs (no GPU): addresses in order, nil optional tensors as 0, and
+// the first bad argument's error kept (later ones resolve to 0, unchecked).
+func TestTensorArgs(t *testing.T) {
+	f32 := &kernels.Tensor{DType: kernels.F32, Shape: []int{4}, Impl: &buf{ptr: 0x1000}}
+	i32 := &kernels.Tensor{DType: kernels.I32, Shape: []int{4}, Impl: &buf{ptr: 0x2000}}
+	var ta tensorArgs
+	if p, q, o := ta.ptr(f32, kernels.F32, "x"), ta.ptr(i32, kernels.I32, "ids"), ta.opt(nil, "bias"); p != 0x1000 || q != 0x2000 || o != 0 || ta.err != nil {
+		t.Fatalf("got %#x %#x %#x, err %v", p, q, o, ta.err)
+	}
+	if p := ta.ptr(i32, kernels.F32, "weights"); p != 0 || ta.err == nil || !strings.Contains(ta.err.Error(), "weights") {
+		t.Fatalf("wrong dtype: %#x, err %v", p, ta.err)
+	}
+	first := ta.err
+	if p := ta.ptr(nil, kernels.F32, "out"); p != 0 || ta.err != first {
+		t.Fatalf("after an error: %#x, err %v (want the first, %v)", p, ta.err, first)
+	}
+}

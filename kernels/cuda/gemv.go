@@ -279,13 +279,11 @@ func (b *Backend) LinearMulti(outs []*kernels.Tensor, x *kernels.Tensor, ws, bia
 		if err != nil {
 			return false, err
 		}
-		op, err := ptrOf(outs[i], kernels.F32, "linear output")
-		if err != nil {
-			return false, err
-		}
-		bp, err := optPtr(biases[i], "linear bias")
-		if err != nil {
-			return false, err
+		var ta tensorArgs
+		op := ta.ptr(outs[i], kernels.F32, "linear output")
+		bp := ta.opt(biases[i], "linear bias")
+		if ta.err != nil {
+			return false, ta.err
 		}
 		if K != wi.k || outs[i].Cols() != wi.n || outs[i].Rows() != T {
 			return false, fmt.Errorf("cuda: linear shapes: x %v, w [%d,%d], out %v", x.Shape, wi.n, wi.k, outs[i].Shape)

@@ -77,19 +77,14 @@ func weightOf(w *kernels.Tensor, what string) (weightInfo, error) {
 }
 
 func (b *Backend) Linear(out, x, w, bias *kernels.Tensor) error {
-	xp, err := ptrOf(x, kernels.F32, "linear input")
-	if err != nil {
-		return err
-	}
-	op, err := ptrOf(out, kernels.F32, "linear output")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	xp := ta.ptr(x, kernels.F32, "linear input")
+	op := ta.ptr(out, kernels.F32, "linear output")
+	bp := ta.opt(bias, "linear bias")
+	if ta.err != nil {
+		return ta.err
 	}
 	wi, err := weightOf(w, "linear weight")
-	if err != nil {
-		return err
-	}
-	bp, err := optPtr(bias, "linear bias")
 	if err != nil {
 		return err
 	}

@@ -121,21 +121,13 @@ func (b *Backend) MoEWithShared(out, x, ids, weights *kernels.Tensor, experts []
 }
 
 func (b *Backend) moe(out, x, ids, weights *kernels.Tensor, experts []*kernels.Expert, shared *kernels.Expert) (bool, error) {
-	op, err := ptrOf(out, kernels.F32, "moe output")
-	if err != nil {
-		return false, err
-	}
-	xp, err := ptrOf(x, kernels.F32, "moe input")
-	if err != nil {
-		return false, err
-	}
-	ip, err := ptrOf(ids, kernels.I32, "expert ids")
-	if err != nil {
-		return false, err
-	}
-	wp, err := ptrOf(weights, kernels.F32, "expert weights")
-	if err != nil {
-		return false, err
+	var ta tensorArgs
+	op := ta.ptr(out, kernels.F32, "moe output")
+	xp := ta.ptr(x, kernels.F32, "moe input")
+	ip := ta.ptr(ids, kernels.I32, "expert ids")
+	wp := ta.ptr(weights, kernels.F32, "expert weights")
+	if ta.err != nil {
+		return false, ta.err
 	}
 	h, T := x.Cols(), x.Rows()
 	if out.Cols() != h || out.Rows() != T || T == 0 || ids.Elements()%T != 0 || weights.Elements() != ids.Elements() {
@@ -146,7 +138,7 @@ func (b *Backend) moe(out, x, ids, weights *kernels.Tensor, experts []*kernels.E
 		return false, fmt.Errorf("cuda: moe: %d experts", len(experts))
 	}
 	handled := true
-	err = b.op(func() error {
+	err := b.op(func() error {
 		tab, err := b.expertTableFor(experts, nil, h)
 		if err != nil {
 			return err

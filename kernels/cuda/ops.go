@@ -27,13 +27,11 @@ func (b *Backend) op(fn func() error) error {
 }
 
 func (b *Backend) Embed(out, table, ids *kernels.Tensor) error {
-	o, err := ptrOf(out, kernels.F32, "embed output")
-	if err != nil {
-		return err
-	}
-	idp, err := ptrOf(ids, kernels.I32, "embed ids")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	o := ta.ptr(out, kernels.F32, "embed output")
+	idp := ta.ptr(ids, kernels.I32, "embed ids")
+	if ta.err != nil {
+		return ta.err
 	}
 	tb, err := devBuf(table, "embedding table")
 	if err != nil {
@@ -57,21 +55,13 @@ func (b *Backend) Embed(out, table, ids *kernels.Tensor) error {
 }
 
 func (b *Backend) rmsnorm(out, x, add, w *kernels.Tensor, eps float32) error {
-	o, err := ptrOf(out, kernels.F32, "rmsnorm output")
-	if err != nil {
-		return err
-	}
-	xp, err := ptrOf(x, kernels.F32, "rmsnorm input")
-	if err != nil {
-		return err
-	}
-	wp, err := ptrOf(w, kernels.F32, "rmsnorm weight")
-	if err != nil {
-		return err
-	}
-	ap, err := optPtr(add, "residual addend")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	o := ta.ptr(out, kernels.F32, "rmsnorm output")
+	xp := ta.ptr(x, kernels.F32, "rmsnorm input")
+	wp := ta.ptr(w, kernels.F32, "rmsnorm weight")
+	ap := ta.opt(add, "residual addend")
+	if ta.err != nil {
+		return ta.err
 	}
 	h := w.Elements()
 	if x.Cols() != h || out.Elements() != x.Elements() || (add != nil && add.Elements() != x.Elements()) {
@@ -96,17 +86,12 @@ func (b *Backend) AddRMSNorm(resid, x, out, w *kernels.Tensor, eps float32) erro
 
 // elementwise runs a (out, a, b, n) kernel after checking the shapes agree.
 func (b *Backend) elementwise(kernel, what string, out, x, y *kernels.Tensor) error {
-	o, err := ptrOf(out, kernels.F32, what+" output")
-	if err != nil {
-		return err
-	}
-	a, err := ptrOf(x, kernels.F32, what+" input")
-	if err != nil {
-		return err
-	}
-	c, err := ptrOf(y, kernels.F32, what+" input")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	o := ta.ptr(out, kernels.F32, what+" output")
+	a := ta.ptr(x, kernels.F32, what+" input")
+	c := ta.ptr(y, kernels.F32, what+" input")
+	if ta.err != nil {
+		return ta.err
 	}
 	n := x.Elements()
 	if y.Elements() != n || out.Elements() != n {
@@ -126,17 +111,12 @@ func (b *Backend) Add(out, x, y *kernels.Tensor) error {
 }
 
 func (b *Backend) Concat(out, x, y *kernels.Tensor) error {
-	o, err := ptrOf(out, kernels.F32, "concat output")
-	if err != nil {
-		return err
-	}
-	a, err := ptrOf(x, kernels.F32, "concat a")
-	if err != nil {
-		return err
-	}
-	c, err := ptrOf(y, kernels.F32, "concat b")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	o := ta.ptr(out, kernels.F32, "concat output")
+	a := ta.ptr(x, kernels.F32, "concat a")
+	c := ta.ptr(y, kernels.F32, "concat b")
+	if ta.err != nil {
+		return ta.err
 	}
 	na, nc, r := x.Cols(), y.Cols(), x.Rows()
 	if y.Rows() != r || out.Rows() != r || out.Cols() != na+nc {
@@ -152,25 +132,14 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	if !ok {
 		return fmt.Errorf("cuda: foreign batch metadata %T", meta)
 	}
-	qp, err := ptrOf(q, kernels.F32, "q")
-	if err != nil {
-		return err
-	}
-	kp, err := ptrOf(k, kernels.F32, "k")
-	if err != nil {
-		return err
-	}
-	vp, err := ptrOf(v, kernels.F32, "v")
-	if err != nil {
-		return err
-	}
-	qn, err := optPtr(qNorm, "q norm")
-	if err != nil {
-		return err
-	}
-	kn, err := optPtr(kNorm, "k norm")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	qp := ta.ptr(q, kernels.F32, "q")
+	kp := ta.ptr(k, kernels.F32, "k")
+	vp := ta.ptr(v, kernels.F32, "v")
+	qn := ta.opt(qNorm, "q norm")
+	kn := ta.opt(kNorm, "k norm")
+	if ta.err != nil {
+		return ta.err
 	}
 	if cache == nil || cache.K == nil || cache.V == nil {
 		return fmt.Errorf("cuda: qk-norm-rope: no KV cache")
@@ -218,13 +187,11 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 	if !ok {
 		return fmt.Errorf("cuda: foreign batch metadata %T", meta)
 	}
-	o, err := ptrOf(out, kernels.F32, "attention output")
-	if err != nil {
-		return err
-	}
-	qp, err := ptrOf(q, kernels.F32, "q")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	o := ta.ptr(out, kernels.F32, "attention output")
+	qp := ta.ptr(q, kernels.F32, "q")
+	if ta.err != nil {
+		return ta.err
 	}
 	if cache == nil || cache.K == nil || cache.V == nil {
 		return fmt.Errorf("cuda: attention: no KV cache")
@@ -394,21 +361,13 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 }
 
 func (b *Backend) Route(ids, weights, logits, bias *kernels.Tensor, p kernels.RouterParams) error {
-	lg, err := ptrOf(logits, kernels.F32, "router logits")
-	if err != nil {
-		return err
-	}
-	bp, err := ptrOf(bias, kernels.F32, "correction bias")
-	if err != nil {
-		return err
-	}
-	ip, err := ptrOf(ids, kernels.I32, "expert ids")
-	if err != nil {
-		return err
-	}
-	wp, err := ptrOf(weights, kernels.F32, "expert weights")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	lg := ta.ptr(logits, kernels.F32, "router logits")
+	bp := ta.ptr(bias, kernels.F32, "correction bias")
+	ip := ta.ptr(ids, kernels.I32, "expert ids")
+	wp := ta.ptr(weights, kernels.F32, "expert weights")
+	if ta.err != nil {
+		return ta.err
 	}
 	e, k := p.Experts, p.TopK
 	if logits.Cols() != e || bias.Elements() != e || p.Groups <= 0 || e%p.Groups != 0 || k > e || k <= 0 {
@@ -425,7 +384,7 @@ func (b *Backend) Route(ids, weights, logits, bias *kernels.Tensor, p kernels.Ro
 	if p.NormTopK {
 		norm = 1
 	}
-	err = b.op(func() error {
+	err := b.op(func() error {
 		return b.launch("ops", "route", [3]uint32{uint32((T + 3) / 4), 1, 1}, b128, 0,
 			ip, wp, lg, bp, int32(T), int32(e), int32(k), int32(p.Groups), int32(p.TopKGroups), norm, p.Scale)
 	})
@@ -446,13 +405,11 @@ const argmaxMaxRows = 4096
 // Argmax writes the index of each row's largest logit into out (I32 [rows])
 // without leaving the device (graph-capturable greedy sampling).
 func (b *Backend) Argmax(out, logits *kernels.Tensor) error {
-	op, err := ptrOf(out, kernels.I32, "argmax output")
-	if err != nil {
-		return err
-	}
-	lp, err := ptrOf(logits, kernels.F32, "logits")
-	if err != nil {
-		return err
+	var ta tensorArgs
+	op := ta.ptr(out, kernels.I32, "argmax output")
+	lp := ta.ptr(logits, kernels.F32, "logits")
+	if ta.err != nil {
+		return ta.err
 	}
 	if out.Elements() != logits.Rows() {
 		return fmt.Errorf("cuda: argmax: %d outputs for %d rows", out.Elements(), logits.Rows())

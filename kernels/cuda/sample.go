@@ -41,22 +41,22 @@ func (b *Backend) Sample(logits *kernels.Tensor, params []kernels.SampleParams) 
 	if len(params) == 0 {
 		return nil, nil
 	}
-	ids, err := b.NewTensor(kernels.I32, len(params))
-	if err != nil {
-		return nil, err
-	}
-	defer b.Free(ids)
-	switch {
-	case greedy:
-		err = b.Argmax(ids, logits)
-	case device:
-		err = b.sampleRows(ids, logits, params)
-	default:
+	if !greedy && !device {
 		lg, err := b.Download(logits)
 		if err != nil {
 			return nil, err
 		}
 		return cpu.SampleRows(lg, logits.Cols(), params), nil
+	}
+	ids, err := b.NewTensor(kernels.I32, len(params))
+	if err != nil {
+		return nil, err
+	}
+	defer b.Free(ids)
+	if greedy {
+		err = b.Argmax(ids, logits)
+	} else {
+		err = b.sampleRows(ids, logits, params)
 	}
 	if err != nil {
 		return nil, err
@@ -90,23 +90,26 @@ func sampleArgs(params []kernels.SampleParams, V int) (args []byte, bans []int32
 func (b *Backend) sampleRows(ids, logits *kernels.Tensor, params []kernels.SampleParams) error {
 	R, V := logits.Rows(), logits.Cols()
 	args, bans := sampleArgs(params, V)
-	buf := make([]byte, len(args), len(args)+4*len(bans))
-	copy(buf, args)
+	nargs := len(args)
 	for _, id := range bans {
-		buf = binary.LittleEndian.AppendUint32(buf, uint32(id))
+		args = binary.LittleEndian.AppendUint32(args, uint32(id))
 	}
-	dev, err := b.NewTensor(kernels.I32, len(buf)/4)
+	dev, err := b.NewTensor(kernels.I32, len(args)/4)
 	if err != nil {
 		return err
 	}
 	defer b.Free(dev)
-	if err := b.Upload(dev, buf); err != nil {
+	if err := b.Upload(dev, args); err != nil {
 		return fmt.Errorf("cuda: sample: %w", err)
 	}
-	op, _ := ptrOf(ids, kernels.I32, "sample output")
-	lp, _ := ptrOf(logits, kernels.F32, "logits")
-	ap, _ := ptrOf(dev, kernels.I32, "sample args")
+	var ta tensorArgs
+	op := ta.ptr(ids, kernels.I32, "sample output")
+	lp := ta.ptr(logits, kernels.F32, "logits")
+	ap := ta.ptr(dev, kernels.I32, "sample args")
+	if ta.err != nil {
+		return ta.err
+	}
 	return b.op(func() error {
-		return b.launch("ops", "sample_rows", rows(R), b1024, 0, op, lp, int32(V), ap, ap+uintptr(len(args)))
+		return b.launch("ops", "sample_rows", rows(R), b1024, 0, op, lp, int32(V), ap, ap+uintptr(nargs))
 	})
 }

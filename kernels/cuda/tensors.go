@@ -40,6 +40,36 @@ func optPtr(t *kernels.Tensor, what string) (uintptr, error) {
 	return ptrOf(t, kernels.F32, what)
 }
 
+// tensorArgs resolves an op's tensor arguments to device addresses, keeping the
+// first error (bufio.Writer's way), so that an op checks them all at once:
+//
+//	var ta tensorArgs
+//	o, xp := ta.ptr(out, kernels.F32, "output"), ta.ptr(x, kernels.F32, "input")
+//	if ta.err != nil {
+//		return ta.err
+//	}
+type tensorArgs struct{ err error }
+
+// ptr is ptrOf, or 0 once an argument has failed.
+func (a *tensorArgs) ptr(t *kernels.Tensor, dt kernels.DType, what string) uintptr {
+	if a.err != nil {
+		return 0
+	}
+	p, err := ptrOf(t, dt, what)
+	a.err = err
+	return p
+}
+
+// opt is optPtr, or 0 once an argument has failed.
+func (a *tensorArgs) opt(t *kernels.Tensor, what string) uintptr {
+	if a.err != nil {
+		return 0
+	}
+	p, err := optPtr(t, what)
+	a.err = err
+	return p
+}
+
 func (b *Backend) NewTensor(dt kernels.DType, shape ...int) (*kernels.Tensor, error) {
 	if dt.Size() == 0 {
 		return nil, fmt.Errorf("cuda: unsupported dtype %v", dt)
