@@ -42,7 +42,8 @@ func TestSizeClass(t *testing.T) {
 	}
 }
 
-// gpu opens device 0 or skips the test when there is no CUDA.
+// gpu opens device 0 or skips the test when there is no CUDA: cudatest.Open
+// for this package, whose tests cannot import cudatest (it imports cuda).
 func gpu(t testing.TB, opt Options) *Backend {
 	t.Helper()
 	b, err := New(opt)

@@ -168,25 +168,21 @@ func (b *Backend) moe(out, x, ids, weights *kernels.Tensor, experts []*kernels.E
 		if shared == nil && b.moeWideTakes(tab, T, k) {
 			return b.moeWide(op, xp, ip, wp, tab, T, k, E, h)
 		}
-		ints := (E + 2) + E + 2*A
-		intBytes := uintptr((4*ints + 255) &^ 255)
+		intBytes := moePlanBytes(E, A, 0)
 		scratch, err := b.pool.alloc(intBytes + uintptr(4*A*I) + uintptr(4*A*h))
 		if err != nil {
 			return err
 		}
 		defer b.pool.put(scratch)
-		offsets := scratch.ptr
-		active := offsets + uintptr(4*(E+2))
-		slotOf := active + uintptr(4*E)
-		perm := slotOf + uintptr(4*A)
-		hbuf := scratch.ptr + intBytes
-		ybuf := hbuf + uintptr(4*A*I)
-		if err := b.launch("ops", "moe_plan", rows(1), b1024, uint32(4*(E+1)), ip, int32(A), tab.dev.ptr, int32(E),
-			offsets, active, slotOf, perm, uintptr(0), b.errFlag.ptr, int32(k), int32(kv)); err != nil {
+		plan := moePlanLayout(scratch.ptr, E, A)
+		plan.h = scratch.ptr + intBytes
+		plan.y = plan.h + uintptr(4*A*I)
+		if err := b.moePlan(plan, ip, tab, A, E, k, kv, 0); err != nil {
 			return err
 		}
+		offsets, active, slotOf, perm, hbuf, ybuf := plan.offsets, plan.active, plan.slotOf, plan.perm, plan.h, plan.y
 		if b.sgOK(tab.gate[tab.first]) && b.sgOK(tab.down[tab.first]) {
-			return b.sgMoE(op, xp, wp, tab, T, k, kv, E, h, moePlanBufs{offsets: offsets, active: active, slotOf: slotOf, perm: perm, h: hbuf, y: ybuf})
+			return b.sgMoE(op, xp, wp, tab, T, k, kv, E, h, plan)
 		}
 		maxActive := uint32(min(E, A))
 		// An expert gets at most T tokens (top-k ids are distinct). A chunk
@@ -283,6 +279,27 @@ func (b *Backend) sharedFits(tab *expertTable, shared *kernels.Expert, T, k int)
 // (cuBLAS, per-expert GEMM) path: experts average ≥ 16 tokens.
 func (b *Backend) moeWideTakes(tab *expertTable, T, k int) bool {
 	return T*k >= 16*tab.present && T > b.opt.GemvMaxTokens && b.blas != nil && !b.capturing && k <= combineMaxK
+}
+
+// moePlanBytes is the scratch of moe_plan's integer outputs for E experts
+// and A slots — offsets[E+2], active[E], slot_of[A], perm[A] — and extra
+// ints after them, rounded up to 256 bytes.
+func moePlanBytes(E, A, extra int) uintptr { return align256(4 * ((E + 2) + E + 2*A + extra)) }
+
+// moePlanLayout places moe_plan's outputs from base, as moePlanBytes counts them.
+func moePlanLayout(base uintptr, E, A int) moePlanBufs {
+	p := moePlanBufs{offsets: base}
+	p.active = p.offsets + uintptr(4*(E+2))
+	p.slotOf = p.active + uintptr(4*E)
+	p.perm = p.slotOf + uintptr(4*A)
+	return p
+}
+
+// moePlan groups the A routed slots at ip by expert into plan (src/moe.cu
+// moe_plan); expertOf, when not 0, receives each slot's expert.
+func (b *Backend) moePlan(plan moePlanBufs, ip uintptr, tab *expertTable, A, E, k, kv int, expertOf uintptr) error {
+	return b.launch("ops", "moe_plan", rows(1), b1024, uint32(4*(E+1)), ip, int32(A), tab.dev.ptr, int32(E),
+		plan.offsets, plan.active, plan.slotOf, plan.perm, expertOf, b.errFlag.ptr, int32(k), int32(kv))
 }
 
 // combineMaxK is the most experts per token moe_combine_wide takes

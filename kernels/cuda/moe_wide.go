@@ -31,20 +31,17 @@ func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H i
 		split = 0
 	}
 	rowsF := 1 + split // GEMM rows per slot
-	ints := (E + 2) + E + 3*A + E
-	intBuf, err := b.pool.alloc(uintptr((4*ints + 255) &^ 255))
+	// moe_plan's outputs, then expert_of[A] and rowbase[E].
+	intBuf, err := b.pool.alloc(moePlanBytes(E, A, A+E))
 	if err != nil {
 		return err
 	}
 	defer b.pool.put(intBuf)
-	offsets := intBuf.ptr
-	active := offsets + uintptr(4*(E+2))
-	slotOf := active + uintptr(4*E)
-	perm := slotOf + uintptr(4*A)
+	mp := moePlanLayout(intBuf.ptr, E, A)
+	offsets, slotOf, perm := mp.offsets, mp.slotOf, mp.perm
 	expertOf := perm + uintptr(4*A)
 	rowbase := expertOf + uintptr(4*A)
-	if err := b.launch("ops", "moe_plan", rows(1), b1024, uint32(4*(E+1)), ip, int32(A), tab.dev.ptr, int32(E),
-		offsets, active, slotOf, perm, expertOf, b.errFlag.ptr, int32(k), int32(k)); err != nil {
+	if err := b.moePlan(mp, ip, tab, A, E, k, k, expertOf); err != nil {
 		return err
 	}
 	host := make([]int32, E+2)

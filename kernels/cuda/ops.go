@@ -141,14 +141,7 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	if ta.err != nil {
 		return ta.err
 	}
-	if cache == nil || cache.K == nil || cache.V == nil {
-		return fmt.Errorf("cuda: qk-norm-rope: no KV cache")
-	}
-	kc, err := devBuf(cache.K, "k cache")
-	if err != nil {
-		return err
-	}
-	vc, err := devBuf(cache.V, "v cache")
+	kc, vc, err := cacheBufs(cache, "qk-norm-rope")
 	if err != nil {
 		return err
 	}
@@ -179,6 +172,18 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	})
 }
 
+// cacheBufs is the device memory of a layer's K and V caches.
+func cacheBufs(cache *kernels.KVCache, op string) (k, v *buf, err error) {
+	if cache == nil || cache.K == nil || cache.V == nil {
+		return nil, nil, fmt.Errorf("cuda: %s: no KV cache", op)
+	}
+	if k, err = devBuf(cache.K, "k cache"); err != nil {
+		return nil, nil, err
+	}
+	v, err = devBuf(cache.V, "v cache")
+	return k, v, err
+}
+
 // attnWarps × 32 positions is what one block of attention_split walks per step.
 const attnWarps = 4
 
@@ -193,14 +198,7 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 	if ta.err != nil {
 		return ta.err
 	}
-	if cache == nil || cache.K == nil || cache.V == nil {
-		return fmt.Errorf("cuda: attention: no KV cache")
-	}
-	kc, err := devBuf(cache.K, "k cache")
-	if err != nil {
-		return err
-	}
-	vc, err := devBuf(cache.V, "v cache")
+	kc, vc, err := cacheBufs(cache, "attention")
 	if err != nil {
 		return err
 	}
