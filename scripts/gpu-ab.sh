@@ -4,9 +4,7 @@
 #   MODELS="synth:glm-4.5-air:4 synth:glm-4.5-air-fp8:8 synth:glm-4.5-fp8:6" scripts/gpu-ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 GLMTOPO_CUDA_CACHE=${GLMTOPO_CUDA_CACHE:-/tmp/glmtopo-cuda-cache}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+. scripts/gpu-lib.sh
 B=bin/gpu/benchstep
 for ml in ${MODELS:-synth:glm-4.5-air:4 synth:glm-4.5-air-fp8:8 synth:glm-4.5-fp8:6}; do
 	m=${ml%:*} l=${ml##*:}

@@ -2,9 +2,7 @@
 # The step benchmarks of docs/performance.md, on one GPU (run after `scripts/gpu-test.sh build`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 GLMTOPO_CUDA_CACHE=${GLMTOPO_CUDA_CACHE:-/tmp/glmtopo-cuda-cache}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+. scripts/gpu-lib.sh
 B=bin/gpu/benchstep
 run() {
 	local name=$1

@@ -7,9 +7,7 @@
 # is timed first as the baseline, on the same GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 GLMTOPO_CUDA_CACHE=${GLMTOPO_CUDA_CACHE:-/tmp/glmtopo-cuda-cache}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+. scripts/gpu-lib.sh
 B=bin/gpu/benchstep
 BASE=${BASE:-}
 for model in ${MODELS:-synth:glm-4.5-air}; do

@@ -4,9 +4,7 @@
 #   MODEL=synth:glm-4.5-air-fp8 LAYERS=2 BATCH=1 scripts/gpu-profile.sh   (after scripts/gpu-test.sh build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 GLMTOPO_CUDA_CACHE=${GLMTOPO_CUDA_CACHE:-/tmp/glmtopo-cuda-cache}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+. scripts/gpu-lib.sh
 M=${MODEL:-synth:glm-4.5-air-fp8}
 L=${LAYERS:-2}
 B=${BATCH:-1}
