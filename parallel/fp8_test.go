@@ -22,16 +22,12 @@ func TestFP8FixtureModels(t *testing.T) {
 	for _, q := range []*model.Quantization{model.FP8PerChannel(), model.FP8Block()} {
 		t.Run(q.Scheme.String(), func(t *testing.T) {
 			dir := t.TempDir()
-			cfg, err := model.QuantizeCheckpoint(context.Background(), filepath.Join(root, "model"), dir, q)
-			if err != nil {
+			if _, err := model.QuantizeCheckpoint(context.Background(), filepath.Join(root, "model"), dir, q); err != nil {
 				t.Fatal(err)
 			}
 			be := cpu.New(0)
-			w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer w.Close()
+			w := modeltest.LoadWeights(t, be, dir)
+			cfg := w.Config
 			e, err := NewEngine(be, w, EngineOptions{MaxTokens: 512})
 			if err != nil {
 				t.Fatal(err)

@@ -1,29 +1,19 @@
 package parallel
 
 import (
-	"context"
 	"fmt"
 	"path/filepath"
 	"testing"
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
-	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
 func loadFixtureEngine(t *testing.T, dir string) *Engine {
 	t.Helper()
-	cfg, err := model.LoadConfig(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
 	be := cpu.New(0)
-	w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { w.Close() })
+	w := modeltest.LoadWeights(t, be, dir)
 	e, err := NewEngine(be, w, EngineOptions{BlockSize: 16, MaxTokens: 1024})
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package parallel
 
 import (
-	"context"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -11,7 +10,6 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/kernels/cuda/cudatest"
-	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
@@ -33,15 +31,7 @@ func TestDecodeGraphsOnGPU(t *testing.T) {
 	root := filepath.Join("..", "testdata", "glm4moe", "tiny")
 	dir := filepath.Join(root, "model")
 	g := modeltest.OpenGolden(t, root)
-	cfg, err := model.LoadConfig(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
+	w := modeltest.LoadWeights(t, be, dir)
 	newEngine := func(t *testing.T, opt EngineOptions) *Engine {
 		if opt.BlockSize == 0 {
 			opt.BlockSize, opt.MaxTokens = 16, 1024

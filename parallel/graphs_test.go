@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/glmtopo/glmtopo/kernels"
-	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
 )
 
@@ -43,16 +42,8 @@ func TestGraphBuckets(t *testing.T) {
 func graphEngine(t *testing.T, name string, opt EngineOptions) (*Engine, *graphCPU) {
 	t.Helper()
 	dir := filepath.Join("..", "testdata", "glm4moe", name, "model")
-	cfg, err := model.LoadConfig(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
 	be := newGraphCPU()
-	w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { w.Close() })
+	w := modeltest.LoadWeights(t, be, dir)
 	opt.BlockSize, opt.MaxTokens = 16, 1024
 	e, err := NewEngine(be, w, opt)
 	if err != nil {

@@ -1,7 +1,6 @@
 package cuda_test
 
 import (
-	"context"
 	"fmt"
 	"path/filepath"
 	"testing"
@@ -10,7 +9,6 @@ import (
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/kernels/cuda/cudatest"
-	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/modeltest"
 	"github.com/glmtopo/glmtopo/parallel"
 )
@@ -25,15 +23,7 @@ const bf16KVTol = 0.25
 
 func engine(t *testing.T, be kernels.Backend, dir string, kv kernels.DType) *parallel.Engine {
 	t.Helper()
-	cfg, err := model.LoadConfig(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { w.Close() })
+	w := modeltest.LoadWeights(t, be, dir)
 	e, err := parallel.NewEngine(be, w, parallel.EngineOptions{BlockSize: 16, MaxTokens: 1024, KVDType: kv})
 	if err != nil {
 		t.Fatal(err)

@@ -1,8 +1,11 @@
 package modeltest
 
 import (
+	"context"
 	"testing"
 
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/model/safetensors"
 )
 
@@ -55,4 +58,20 @@ func (g *Golden) IDs(name string) []int32 {
 		out[i] = int32(x)
 	}
 	return out
+}
+
+// LoadWeights loads the whole checkpoint in dir (config.json and shards)
+// onto be; the weights are released when the test ends.
+func LoadWeights(t testing.TB, be kernels.Backend, dir string) *model.Weights {
+	t.Helper()
+	cfg, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := model.LoadWeights(context.Background(), dir, cfg, model.WholeModel(cfg), be, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	return w
 }
