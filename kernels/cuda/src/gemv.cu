@@ -62,13 +62,7 @@ __device__ __forceinline__ void sg_mma_f16(float* c, unsigned a0, unsigned a1, u
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void sg_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                            unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// (bf16 products use mma_bf16 from mma.cu, earlier in the ops module.)
 
 // Two e4m3 values (low byte first) → f16x2 (low half first), exactly.
 __device__ __forceinline__ unsigned sg_e4m3x2(unsigned v) {
@@ -175,10 +169,10 @@ __device__ __forceinline__ void sg_sweep(float (&acc)[NA][NTT][4], const char* (
                 float t[4] = {0.f, 0.f, 0.f, 0.f};
                 if (WT == WT_BF16) {
                     // lane's 8 weights: k pairs (0,1),(2,3) then (4,5),(6,7)
-                    sg_mma_bf16(t, wa[0][0], wa[1][0], wa[0][1], wa[1][1], xh[j][0].x, xh[j][0].y);
-                    sg_mma_bf16(t, wa[0][0], wa[1][0], wa[0][1], wa[1][1], xl[j][0].x, xl[j][0].y);
-                    sg_mma_bf16(t, wa[0][2], wa[1][2], wa[0][3], wa[1][3], xh[j][0].z, xh[j][0].w);
-                    sg_mma_bf16(t, wa[0][2], wa[1][2], wa[0][3], wa[1][3], xl[j][0].z, xl[j][0].w);
+                    mma_bf16(t, wa[0][0], wa[1][0], wa[0][1], wa[1][1], xh[j][0].x, xh[j][0].y);
+                    mma_bf16(t, wa[0][0], wa[1][0], wa[0][1], wa[1][1], xl[j][0].x, xl[j][0].y);
+                    mma_bf16(t, wa[0][2], wa[1][2], wa[0][3], wa[1][3], xh[j][0].z, xh[j][0].w);
+                    mma_bf16(t, wa[0][2], wa[1][2], wa[0][3], wa[1][3], xl[j][0].z, xl[j][0].w);
                 } else {
                     // lane's 16 weights: word m holds weights 4m..4m+3 (mma m)
                     unsigned xhw[8] = {xh[j][0].x, xh[j][0].y, xh[j][0].z, xh[j][0].w,
