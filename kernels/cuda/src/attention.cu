@@ -230,6 +230,31 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return r;
 }
 
+// mma_q_frags loads this lane's A fragments (m16n8k16, bf16) of two q rows
+// scaled by scale: q0 is the lane's row gr, q1 row gr+8; a row that does not
+// exist (r0/r1 false) is zeros. Lane column group c = lane & 3.
+__device__ __forceinline__ void mma_q_frags(unsigned (&qa)[ATT_D / 32][2][4], const float* q0, const float* q1, bool r0,
+                                            bool r1, float scale, int c) {
+    const int KK = ATT_D / 32;
+#pragma unroll
+    for (int kk = 0; kk < KK; kk++) {
+        float x0[8], x1[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            x0[i] = r0 ? q0[32 * kk + 8 * c + i] * scale : 0.f;
+            x1[i] = r1 ? q1[32 * kk + 8 * c + i] * scale : 0.f;
+        }
+        qa[kk][0][0] = pack_bf16(x0[0], x0[1]);
+        qa[kk][0][1] = pack_bf16(x1[0], x1[1]);
+        qa[kk][0][2] = pack_bf16(x0[2], x0[3]);
+        qa[kk][0][3] = pack_bf16(x1[2], x1[3]);
+        qa[kk][1][0] = pack_bf16(x0[4], x0[5]);
+        qa[kk][1][1] = pack_bf16(x1[4], x1[5]);
+        qa[kk][1][2] = pack_bf16(x0[6], x0[7]);
+        qa[kk][1][3] = pack_bf16(x1[6], x1[7]);
+    }
+}
+
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};"
@@ -284,23 +309,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
         const float* q0 = pf ? q + ((long)(first + min(gr, rows - 1)) * heads + head) * ATT_D
                              : q + ((long)t * heads + g * G + gr) * ATT_D;
         const float* q1 = pf ? q + ((long)(first + min(gr + 8, rows - 1)) * heads + head) * ATT_D : q0 + 8L * ATT_D;
-#pragma unroll
-        for (int kk = 0; kk < KK; kk++) {
-            float x0[8], x1[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                x0[i] = r0 ? q0[32 * kk + 8 * c + i] * scale : 0.f;
-                x1[i] = r1 ? q1[32 * kk + 8 * c + i] * scale : 0.f;
-            }
-            qa[kk][0][0] = pack_bf16(x0[0], x0[1]);
-            qa[kk][0][1] = pack_bf16(x1[0], x1[1]);
-            qa[kk][0][2] = pack_bf16(x0[2], x0[3]);
-            qa[kk][0][3] = pack_bf16(x1[2], x1[3]);
-            qa[kk][1][0] = pack_bf16(x0[4], x0[5]);
-            qa[kk][1][1] = pack_bf16(x1[4], x1[5]);
-            qa[kk][1][2] = pack_bf16(x0[6], x0[7]);
-            qa[kk][1][3] = pack_bf16(x1[6], x1[7]);
-        }
+        mma_q_frags(qa, q0, q1, r0, r1, scale, c);
     }
     float o[NT][4];
 #pragma unroll

@@ -60,23 +60,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_G) attention_flash16(
         bool r0 = gr < rows, r1 = gr + 8 < rows;
         const float* q0 = q + ((long)(first + min(gr, rows - 1)) * heads + head) * ATT_D;
         const float* q1 = q + ((long)(first + min(gr + 8, rows - 1)) * heads + head) * ATT_D;
-#pragma unroll
-        for (int kk = 0; kk < KK; kk++) {
-            float x0[8], x1[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                x0[i] = r0 ? q0[32 * kk + 8 * c + i] * scale : 0.f;
-                x1[i] = r1 ? q1[32 * kk + 8 * c + i] * scale : 0.f;
-            }
-            qa[kk][0][0] = pack_bf16(x0[0], x0[1]);
-            qa[kk][0][1] = pack_bf16(x1[0], x1[1]);
-            qa[kk][0][2] = pack_bf16(x0[2], x0[3]);
-            qa[kk][0][3] = pack_bf16(x1[2], x1[3]);
-            qa[kk][1][0] = pack_bf16(x0[4], x0[5]);
-            qa[kk][1][1] = pack_bf16(x1[4], x1[5]);
-            qa[kk][1][2] = pack_bf16(x0[6], x0[7]);
-            qa[kk][1][3] = pack_bf16(x1[6], x1[7]);
-        }
+        mma_q_frags(qa, q0, q1, r0, r1, scale, c);
     }
     float o[NT][4];
 #pragma unroll
