@@ -3,6 +3,7 @@ package cuda
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -13,7 +14,9 @@ import (
 // compiler library (libnvrtc) catch source errors before device time is
 // spent. With GLMTOPO_PTXAS_VERBOSE=1 it logs ptxas' register and spill
 // counts per kernel; GLMTOPO_CUDA_DEFINES (as the backend reads it) adds
-// tuning macros to the ops module, to check a sweep's variants.
+// tuning macros to the ops module, to check a sweep's variants. With
+// GLMTOPO_CUBIN_DIR it writes each module's cubin there, so that a refactor
+// can be checked for an unchanged binary (cmp, nvdisasm) without a GPU.
 func TestKernelsCompile(t *testing.T) {
 	n, err := loadNVRTC()
 	if errors.Is(err, ErrNoCUDA) {
@@ -48,6 +51,11 @@ func TestKernelsCompile(t *testing.T) {
 		}
 		if len(cubin) == 0 {
 			t.Fatalf("%s: empty cubin", m.name)
+		}
+		if dir := os.Getenv("GLMTOPO_CUBIN_DIR"); dir != "" {
+			if err := os.WriteFile(filepath.Join(dir, m.name+".cubin"), cubin, 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if verbose {
 			t.Logf("%s:\n%s", m.name, log)
