@@ -14,7 +14,7 @@ type DType int
 const (
 	F32    DType = iota
 	BF16         // bfloat16 weights (activations are F32 on the CPU)
-	F8E4M3       // e4m3 weights with a scale tensor
+	F8E4M3       // e4m3: weights with a scale tensor, KV caches with per-tensor scales (kernels.KVCache)
 	I32
 )
 
@@ -121,11 +121,28 @@ func (b *Batch) Validate(blockSize int) error {
 type BatchMeta interface{ Tokens() int }
 
 // KVCache is one layer's paged K and V cache: [numBlocks, BlockSize, kvHeads, headDim].
+// K and V are F32 or BF16, or F8E4M3 (vLLM's --kv-cache-dtype fp8): the
+// write stores e4m3(x / scale) and attention reads e4m3 · scale, in f32.
 type KVCache struct {
 	K, V      *Tensor
 	BlockSize int
 	KVHeads   int
 	HeadDim   int
+	// KScale and VScale are an F8E4M3 cache's per-tensor scales (vLLM's
+	// k_scale, v_scale; a checkpoint may give them); 0 means 1.
+	KScale, VScale float32
+}
+
+// Scales are the cache's K and V scales, 1 where unset.
+func (c *KVCache) Scales() (k, v float32) {
+	k, v = c.KScale, c.VScale
+	if k == 0 {
+		k = 1
+	}
+	if v == 0 {
+		v = 1
+	}
+	return k, v
 }
 
 // AttentionParams describe the attention of one layer.

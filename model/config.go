@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -75,6 +76,9 @@ var requiredFields = []string{
 
 // ParseConfig parses and validates a glm4_moe config.json.
 func ParseConfig(data []byte) (*Config, error) {
+	if len(data) > MaxConfigBytes {
+		return nil, fmt.Errorf("config is %d bytes, larger than %d: not a model config", len(data), MaxConfigBytes)
+	}
 	var present map[string]json.RawMessage
 	if err := json.Unmarshal(data, &present); err != nil {
 		return nil, fmt.Errorf("invalid JSON: %w", err)
@@ -145,7 +149,7 @@ func ParseConfig(data []byte) (*Config, error) {
 // LoadConfig reads dir/config.json.
 func LoadConfig(dir string) (*Config, error) {
 	path := filepath.Join(dir, "config.json")
-	data, err := os.ReadFile(path)
+	data, err := readBounded(path, MaxConfigBytes)
 	if err != nil {
 		return nil, fmt.Errorf("load config: %w", err)
 	}
@@ -154,6 +158,24 @@ func LoadConfig(dir string) (*Config, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return c, nil
+}
+
+// readBounded reads at most limit bytes of path; a longer file is an error
+// (read through a LimitReader, so a huge or endless file costs nothing).
+func readBounded(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	if int64(len(data)) > limit {
+		return nil, fmt.Errorf("%s is larger than %d bytes: not a model config", path, limit)
+	}
+	return data, nil
 }
 
 // Resolve returns the config of a preset name (see PresetNames) or of a
@@ -177,21 +199,8 @@ func (c *Config) Validate() error {
 	if c.ModelType != "glm4_moe" {
 		return fail("model_type %q is not supported (want glm4_moe)", c.ModelType)
 	}
-	pos := []struct {
-		name string
-		v    int
-	}{
-		{"vocab_size", c.VocabSize}, {"hidden_size", c.HiddenSize},
-		{"intermediate_size", c.IntermediateSize}, {"moe_intermediate_size", c.MoEIntermediateSize},
-		{"num_hidden_layers", c.NumHiddenLayers}, {"num_attention_heads", c.NumAttentionHeads},
-		{"num_key_value_heads", c.NumKeyValueHeads}, {"head_dim", c.HeadDim},
-		{"n_routed_experts", c.NRoutedExperts}, {"num_experts_per_tok", c.NumExpertsPerTok},
-		{"n_group", c.NGroup}, {"topk_group", c.TopKGroup},
-	}
-	for _, p := range pos {
-		if p.v <= 0 {
-			return fail("%s must be positive, got %d", p.name, p.v)
-		}
+	if err := c.checkBounds(); err != nil {
+		return fail("%w", err)
 	}
 	switch {
 	case c.NumAttentionHeads%c.NumKeyValueHeads != 0:

@@ -20,6 +20,10 @@ func DummyWeights(c *Config, sel Selection, be kernels.Backend, seed uint64) (w 
 	if !ok {
 		return nil, nil, fmt.Errorf("dummy weights: backend %s cannot fill tensors", be.Name())
 	}
+	if p, ok := be.(kernels.WeightPacker); ok { // weights share pages (kernels/cuda/slab.go)
+		p.PackWeights(true)
+		defer p.PackWeights(false)
+	}
 	d := &dummySource{c: c, be: be, fill: fl, seed: seed, specs: map[string]TensorSpec{}}
 	for _, s := range c.Tensors() {
 		d.specs[s.Name] = s
@@ -40,8 +44,10 @@ func DummyWeights(c *Config, sel Selection, be kernels.Backend, seed uint64) (w 
 	return w, free, nil
 }
 
-// dummySource is a TensorSource of generated tensors; each tensor gets the
-// next seed, so a model is a function of its config and first seed.
+// dummySource is a TensorSource of generated tensors; each tensor's seed
+// derives from the first seed and its name, so a model is a function of
+// its config and first seed, and a pipeline stage's tensors (any
+// Selection) are the very ones of the whole model.
 type dummySource struct {
 	c     *Config
 	be    kernels.Backend
@@ -49,6 +55,15 @@ type dummySource struct {
 	seed  uint64
 	specs map[string]TensorSpec
 	made  []*kernels.Tensor
+}
+
+// seedOf is the seed of tensor name: FNV-1a of the name over the first seed.
+func (d *dummySource) seedOf(name string) uint64 {
+	h := 14695981039346656037 ^ d.seed*0x9e3779b97f4a7c15
+	for i := 0; i < len(name); i++ {
+		h = (h ^ uint64(name[i])) * 1099511628211
+	}
+	return h
 }
 
 func (d *dummySource) spec(name string) (TensorSpec, error) {
@@ -78,7 +93,7 @@ func (d *dummySource) Tensor(name string) (*kernels.Tensor, error) {
 	for i, x := range s.Shape {
 		shape[i] = int(x)
 	}
-	d.seed++
+	seed := d.seedOf(name)
 	if len(shape) == 1 { // norms, biases, correction bias: F32 on every backend
 		t, err := d.tensor(kernels.F32, shape...)
 		if err != nil {
@@ -87,13 +102,13 @@ func (d *dummySource) Tensor(name string) (*kernels.Tensor, error) {
 		if strings.HasSuffix(name, "norm.weight") {
 			return t, d.fill.FillConst(t, 1)
 		}
-		return t, d.fill.Fill(t, d.seed, 0.02)
+		return t, d.fill.Fill(t, seed, 0.02)
 	}
 	t, err := d.tensor(kernels.BF16, shape...)
 	if err != nil {
 		return nil, err
 	}
-	return t, d.fill.Fill(t, d.seed, float32(math.Sqrt(3/float64(shape[1]))))
+	return t, d.fill.Fill(t, seed, float32(math.Sqrt(3/float64(shape[1]))))
 }
 
 // Linear makes module.weight (+ its FP8 scale).
@@ -110,8 +125,7 @@ func (d *dummySource) Linear(module string) (*kernels.Tensor, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.seed++
-	if err := d.fill.Fill(w, d.seed, 1); err != nil {
+	if err := d.fill.Fill(w, d.seedOf(module+".weight"), 1); err != nil {
 		return nil, err
 	}
 	// Filled e4m3 bytes have |v| up to 120 (rms ~20): scale to ~1/sqrt(k).

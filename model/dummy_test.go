@@ -1,6 +1,8 @@
 package model
 
 import (
+	"bytes"
+	"fmt"
 	"math"
 	"strings"
 	"testing"
@@ -95,3 +97,50 @@ func TestDummyWeightsNeedAFiller(t *testing.T) {
 
 // noFill hides the CPU backend's Filler.
 type noFill struct{ kernels.Backend }
+
+// A stage's dummy tensors are the whole model's: a split run on dummy
+// weights can be compared with one process.
+func TestDummyStageMatchesWholeModel(t *testing.T) {
+	c, _ := Preset("tiny")
+	be := cpu.New(1)
+	whole, freeWhole, err := DummyWeights(c, WholeModel(c), be, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer freeWhole()
+	stage, freeStage, err := DummyWeights(c, Selection{FirstLayer: 1, EndLayer: c.NumHiddenLayers}, be, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer freeStage()
+	other, freeOther, err := DummyWeights(c, Selection{FirstLayer: 1, EndLayer: c.NumHiddenLayers}, be, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer freeOther()
+	for i, lw := range stage.Layers {
+		wl := whole.Layers[i+1]
+		for name, pair := range map[string][2]*kernels.Tensor{"q_proj": {lw.Q, wl.Q}, "input norm": {lw.InputNorm, wl.InputNorm},
+			"router": {lw.Router, wl.Router}} {
+			if pair[0] == nil {
+				continue
+			}
+			a, b := tensorBytes(t, be, pair[0]), tensorBytes(t, be, pair[1])
+			if !bytes.Equal(a, b) {
+				t.Errorf("layer %d %s differs between the stage's and the whole model's dummy weights", lw.Index, name)
+			}
+		}
+	}
+	if bytes.Equal(tensorBytes(t, be, stage.Layers[0].Q), tensorBytes(t, be, other.Layers[0].Q)) {
+		t.Error("seeds 3 and 4 made the same q_proj")
+	}
+}
+
+// tensorBytes is a CPU tensor's contents, whatever its element type.
+func tensorBytes(t *testing.T, _ kernels.Backend, x *kernels.Tensor) []byte {
+	t.Helper()
+	if x.Impl == nil {
+		t.Fatal("tensor without contents")
+	}
+	return []byte(fmt.Sprint(x.Impl))
+}

@@ -201,6 +201,18 @@ func (f *Forward) Head(h, norm, head *kernels.Tensor) (normed, logits *kernels.T
 // runs the MTP decoder layer over its own cache, and returns the logits
 // predicting the token after next.
 func (f *Forward) MTP(mw *LayerWeights, hPrev *kernels.Tensor, next []int32, cache *kernels.KVCache) (*kernels.Tensor, error) {
+	x, err := f.MTPHidden(mw, hPrev, next, cache)
+	if err != nil {
+		return nil, err
+	}
+	_, logits, err := f.Head(x, mw.HeadNorm, mw.Head)
+	return logits, err
+}
+
+// MTPHidden is MTP up to the layer's output, before shared_head: the hidden
+// state a recursive draft (vLLM's MTP with more than one speculative token)
+// feeds back as the next hPrev; Head(x, mw.HeadNorm, mw.Head) gives the logits.
+func (f *Forward) MTPHidden(mw *LayerWeights, hPrev *kernels.Tensor, next []int32, cache *kernels.KVCache) (*kernels.Tensor, error) {
 	c := f.Cfg
 	e, err := f.Embed(mw.Embed, next)
 	if err != nil {
@@ -226,8 +238,7 @@ func (f *Forward) MTP(mw *LayerWeights, hPrev *kernels.Tensor, next []int32, cac
 	if err := f.Layer(mw, x, cache); err != nil {
 		return nil, err
 	}
-	_, logits, err := f.Head(x, mw.HeadNorm, mw.Head)
-	return logits, err
+	return x, nil
 }
 
 func i32Bytes(v []int32) []byte {

@@ -30,7 +30,16 @@ type Quantization struct {
 	Ignore []string
 	Raw    json.RawMessage
 	ignore []*regexp.Regexp
+	// exact and lastName index Ignore's plain entries, so Quantized costs the
+	// same for a list of ten entries or ten thousand.
+	exact, lastName map[string]bool
 }
+
+// Bounds on quantization_config: a real list names a few modules per layer.
+const (
+	maxIgnoreEntries = 1 << 16
+	maxIgnoreRegexps = 64
+)
 
 func parseQuantization(data []byte) (*Quantization, error) {
 	var r struct {
@@ -94,8 +103,23 @@ func parseQuantization(data []byte) (*Quantization, error) {
 	if q.Scheme == QuantBlock && (q.BlockSize[0] <= 0 || q.BlockSize[1] <= 0) {
 		return nil, fmt.Errorf("quantization_config: bad block size %v", q.BlockSize)
 	}
+	if len(q.Ignore) > maxIgnoreEntries {
+		return nil, fmt.Errorf("quantization_config: %d ignored modules (at most %d)", len(q.Ignore), maxIgnoreEntries)
+	}
+	q.exact, q.lastName = map[string]bool{}, map[string]bool{}
+	for _, pat := range q.Ignore {
+		if !strings.HasPrefix(pat, "re:") {
+			q.exact[pat] = true
+			if !strings.Contains(pat, ".") {
+				q.lastName[pat] = true
+			}
+		}
+	}
 	for _, pat := range q.Ignore {
 		if re, ok := strings.CutPrefix(pat, "re:"); ok {
+			if len(q.ignore) == maxIgnoreRegexps {
+				return nil, fmt.Errorf("quantization_config: more than %d ignore regexps", maxIgnoreRegexps)
+			}
 			rx, err := regexp.Compile("^(?:" + re + ")$")
 			if err != nil {
 				return nil, fmt.Errorf("quantization_config: ignore pattern %q: %w", pat, err)
@@ -113,13 +137,9 @@ func (q *Quantization) Quantized(module string) bool {
 	if q == nil || q.Scheme == QuantNone {
 		return false
 	}
-	for _, pat := range q.Ignore {
-		if strings.HasPrefix(pat, "re:") {
-			continue
-		}
-		if module == pat || strings.HasSuffix(module, "."+pat) && !strings.Contains(pat, ".") {
-			return false
-		}
+	last := module[strings.LastIndexByte(module, '.')+1:]
+	if q.exact[module] || q.lastName[last] && last != module {
+		return false
 	}
 	for _, rx := range q.ignore {
 		if rx.MatchString(module) {

@@ -88,6 +88,10 @@ func LoadWeights(ctx context.Context, dir string, cfg *Config, sel Selection, be
 	if err != nil {
 		return nil, fmt.Errorf("load %s: %w", dir, err)
 	}
+	if p, ok := be.(kernels.WeightPacker); ok { // weights share pages (kernels/cuda/slab.go)
+		p.PackWeights(true)
+		defer p.PackWeights(false)
+	}
 	l := &loader{ctx: ctx, ck: ck, cfg: cfg, be: be, progress: progress}
 	w, err := l.load(sel)
 	if err != nil {
@@ -105,6 +109,7 @@ type loader struct {
 	be       kernels.Backend
 	progress Progress
 	specs    map[string]TensorSpec
+	order    []TensorSpec // specs in checkpoint order
 	done     atomic.Int64
 	total    int64
 }
@@ -114,8 +119,12 @@ func (l *loader) load(sel Selection) (*Weights, error) {
 	for _, t := range l.cfg.Tensors() {
 		if sel.Includes(l.cfg, t) {
 			l.specs[t.Name] = t
+			l.order = append(l.order, t)
 			l.total += t.Bytes()
 		}
+	}
+	if err := l.checkOnDisk(); err != nil {
+		return nil, err
 	}
 	w, err := Assemble(l.cfg, sel, l)
 	if err != nil {
@@ -123,6 +132,23 @@ func (l *loader) load(sel Selection) (*Weights, error) {
 	}
 	w.Bytes = l.total
 	return w, nil
+}
+
+// checkOnDisk compares every selected tensor's dtype and shape with the
+// checkpoint's headers, in checkpoint order, before anything is allocated: a
+// config.json that does not describe the tensors on disk is refused at once,
+// whatever sizes it claims.
+func (l *loader) checkOnDisk() error {
+	for _, s := range l.order {
+		info, ok := l.ck.Info(s.Name)
+		if !ok {
+			return fmt.Errorf("tensor %s is not in the checkpoint: config.json does not describe these shards", s.Name)
+		}
+		if err := checkTensor(s, info.DType, info.Shape, info.File); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // spec returns the expected spec of a tensor the selection includes.
@@ -143,22 +169,30 @@ func (l *loader) read(s TensorSpec) (safetensors.Tensor, error) {
 	if err != nil {
 		return t, err
 	}
-	if !slices.Equal(t.Shape, s.Shape) {
-		return t, fmt.Errorf("tensor %s in %s: shape %v, config implies %v", s.Name, t.File, t.Shape, s.Shape)
-	}
-	ok := string(t.DType) == string(s.DType)
-	// Norms, biases and the correction bias may be stored in any float type; we convert.
-	if !ok && (len(s.Shape) == 1 || s.ScaleOf != "") && (t.DType == safetensors.F32 || t.DType == safetensors.BF16 || t.DType == safetensors.F16) {
-		ok = true
-	}
-	if !ok {
-		return t, fmt.Errorf("tensor %s in %s: dtype %s, config implies %s%s", s.Name, t.File, t.DType, s.DType, quantHint(s))
+	if err := checkTensor(s, t.DType, t.Shape, t.File); err != nil {
+		return t, err
 	}
 	l.done.Add(t.ByteSize())
 	if l.progress != nil {
 		l.progress(l.done.Load(), l.total)
 	}
 	return t, nil
+}
+
+// checkTensor checks a stored tensor's dtype and shape against its spec.
+func checkTensor(s TensorSpec, dt safetensors.DType, shape []int64, file string) error {
+	if !slices.Equal(shape, s.Shape) {
+		return fmt.Errorf("tensor %s in %s: shape %v, config implies %v", s.Name, file, shape, s.Shape)
+	}
+	ok := string(dt) == string(s.DType)
+	// Norms, biases and the correction bias may be stored in any float type; we convert.
+	if !ok && (len(s.Shape) == 1 || s.ScaleOf != "") && (dt == safetensors.F32 || dt == safetensors.BF16 || dt == safetensors.F16) {
+		ok = true
+	}
+	if !ok {
+		return fmt.Errorf("tensor %s in %s: dtype %s, config implies %s%s", s.Name, file, dt, s.DType, quantHint(s))
+	}
+	return nil
 }
 
 func quantHint(s TensorSpec) string {

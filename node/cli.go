@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/glmtopo/glmtopo/internal/cliflag"
 )
 
 // stringList is a repeatable, comma-separated flag.
@@ -46,11 +48,12 @@ func NodeFlags(fs *flag.FlagSet, opts *Options, stderr io.Writer) func() error {
 	fs.Var(&listen, "listen", "listen address, multiaddr or host:port; repeatable (default "+DefaultListen+")")
 	fs.Var((*stringList)(&opts.Peers), "peers", "static peers: multiaddrs or host:port, comma-separated or repeated")
 	fs.BoolVar(&opts.MDNS, "mdns", true, "discover peers on the LAN by mDNS (does not cross subnets)")
-	keyFile := fs.String("cluster-key-file", "", "private network key shared by all hosts (create with `glmtopo node cluster-key`)")
+	keyFile := fs.String("cluster-key-file", "", "`FILE` holding the private network key all hosts share (create it with 'glmtopo node cluster-key --out FILE')")
 	fs.BoolVar(&opts.Head, "head", false, "prefer this host as coordinator")
 	fs.IntVar(&opts.Expect, "expect", 0, "plan once this many hosts are live")
 	fs.BoolVar(&opts.StartNow, "start-now", false, "plan with the hosts that are live now, without waiting for --expect")
 	fs.StringVar(&opts.Model, "model", "", "model directory or preset name (must be the same model on every host)")
+	fs.StringVar(&opts.DataAddr, "data-listen", "", "host:port where this host's pipeline stage accepts its ring link (the stages' data plane)")
 	invFile := fs.String("inventory-override", "", "YAML/JSON inventory that replaces hardware detection")
 	fs.DurationVar(&opts.HeartbeatInterval, "heartbeat-interval", DefaultHeartbeatInterval, "interval between heartbeats")
 	fs.DurationVar(&opts.SuspectAfter, "suspect-after", 0, "silence after which a member is suspect (default 3 heartbeats)")
@@ -93,11 +96,39 @@ func RunNode(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // RunNodeWith is RunNode with the real planner and model resolver wired in;
 // nil selects the fallback.
 func RunNodeWith(ctx context.Context, args []string, stdout, stderr io.Writer, planner Planner, resolve func(string) (string, error)) error {
+	return RunNodeRuntime(ctx, args, stdout, stderr, planner, resolve, nil)
+}
+
+// Runtime runs the stages of the plans that become active on this host;
+// cmd/glmtopo wires the engine in through it (node does not import the
+// engine).
+type Runtime interface {
+	// AddFlags registers the runtime's flags (serving, backend) on glmtopo node's.
+	AddFlags(fs *flag.FlagSet)
+	// Activate is called, in epoch order and never concurrently, when a
+	// plan becomes active on this host.
+	Activate(plan ClusterPlan, mine StageAssignment, opts *Options)
+	// Close stops what Activate started.
+	Close()
+}
+
+// RunNodeRuntime is RunNodeWith whose daemon runs its stages of the active
+// plan through rt (nil: it only agrees on plans).
+func RunNodeRuntime(ctx context.Context, args []string, stdout, stderr io.Writer, planner Planner, resolve func(string) (string, error), rt Runtime) error {
 	fs := flag.NewFlagSet("glmtopo node", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var opts Options
 	finish := NodeFlags(fs, &opts, stderr)
-	if err := fs.Parse(args); err != nil {
+	if rt != nil {
+		rt.AddFlags(fs)
+		defer rt.Close()
+		opts.Stages = &StageStates{}
+		opts.OnActive = func(plan ClusterPlan, mine StageAssignment) { rt.Activate(plan, mine, &opts) }
+		if lr, ok := rt.(interface{ Links() []LinkStatus }); ok {
+			opts.Links = lr.Links
+		}
+	}
+	if err := cliflag.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
@@ -123,8 +154,11 @@ func RunInventory(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	asJSON := fs.Bool("json", false, "print JSON")
 	override := fs.String("inventory-override", "", "print this inventory file instead of detecting")
 	nvml := fs.String("nvml-lib", "", "path to libnvidia-ml.so (default: search the loader path)")
-	if err := fs.Parse(args); err != nil {
+	if err := cliflag.Parse(fs, args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	var inv HostInventory
 	var err error
@@ -149,8 +183,11 @@ func RunStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	stateDir := fs.String("state-dir", defaultStateDir(), "state dir of the daemon to ask")
 	asJSON := fs.Bool("json", false, "print JSON")
 	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
-	if err := fs.Parse(args); err != nil {
+	if err := cliflag.Parse(fs, args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
@@ -170,8 +207,11 @@ func RunClusterKey(_ context.Context, args []string, stdout, stderr io.Writer) e
 	fs := flag.NewFlagSet("glmtopo node cluster-key", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	out := fs.String("out", "", "write the key to this file (mode 0600) instead of stdout")
-	if err := fs.Parse(args); err != nil {
+	if err := cliflag.Parse(fs, args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	key, err := NewClusterKey()
 	if err != nil {

@@ -87,7 +87,8 @@ func (d *Daemon) coordinate() {
 	var members []MemberInventory
 	for _, id := range live {
 		m := d.members[peer.ID(mustDecode(id))]
-		members = append(members, MemberInventory{ID: id, Name: m.hello.Name, Addrs: m.hello.Addrs, Inventory: m.hello.Inventory})
+		members = append(members, MemberInventory{ID: id, Name: m.hello.Name, Addrs: m.hello.Addrs, Inventory: m.hello.Inventory,
+			DataAddr: m.hello.DataAddr})
 	}
 	d.proposing = true
 	epoch := d.maxEpoch + 1

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -43,6 +44,9 @@ type Daemon struct {
 
 	mdns    interface{ Close() error }
 	control *http.Server
+	// peerLogs rate-limits the info lines about peers we cannot reach.
+	peerLogs   *logLimiter
+	handshakes *handshakeWatch // inbound connections that never authenticate
 
 	mu           sync.Mutex
 	members      map[peer.ID]*member // includes self
@@ -145,7 +149,8 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 	if opts.Name == "" {
 		opts.Name = inv.Hostname
 	}
-	h, err := newHost(key, opts.PSK, listen)
+	handshakes := newHandshakeWatch()
+	h, err := newHost(key, opts.PSK, listen, handshakes)
 	if err != nil {
 		return nil, fmt.Errorf("libp2p host: %w", err)
 	}
@@ -166,10 +171,12 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 		static:       static,
 		redial:       map[peer.ID]time.Time{},
 		commitSentAt: map[peer.ID]time.Time{},
+		peerLogs:     newLogLimiter(peerLogInterval, time.Now),
+		handshakes:   handshakes,
 	}
 	d.self = helloMsg{
 		Version: wireVersion, ID: h.ID().String(), Instance: hex.EncodeToString(inst),
-		Name: opts.Name, Head: opts.Head, Model: d.model, Inventory: inv,
+		Name: opts.Name, Head: opts.Head, Model: d.model, Inventory: inv, DataAddr: opts.DataAddr,
 	}
 	d.self.Addrs = d.advertisedAddrs()
 	d.members[h.ID()] = &member{id: h.ID(), hello: d.self, joinedAt: d.start, lastSeen: d.start, health: HealthAlive}
@@ -278,6 +285,7 @@ func (d *Daemon) loop() {
 		d.sendHeartbeats()
 		d.dialStatic()
 		d.redialMembers()
+		d.reportFailedHandshakes(time.Now())
 		d.coordinate()
 	}
 }
@@ -309,9 +317,10 @@ func (d *Daemon) dialStatic() {
 		go func() {
 			defer d.wg.Done()
 			if err := d.dialStaticPeer(sp); err != nil {
-				d.log.Debug("static peer not reachable", "peer", sp.spec, "err", err)
+				d.logUnreachable("static peer not reachable", sp.spec, err)
 				return
 			}
+			d.peerLogs.reset(sp.spec)
 			d.mu.Lock()
 			sp.wait = 0
 			d.mu.Unlock()
@@ -385,6 +394,7 @@ func (d *Daemon) connectAsync(info peer.AddrInfo) {
 			}
 			d.log.Debug("dial failed", "peer", info.ID.String(), "attempt", attempt, "err", err)
 			if attempt == dialAttempts {
+				d.logUnreachable("peer not reachable", info.ID.String(), err)
 				return
 			}
 			delay := time.Duration(attempt) * (50*time.Millisecond + mrand.N(250*time.Millisecond))
@@ -395,6 +405,25 @@ func (d *Daemon) connectAsync(info peer.AddrInfo) {
 			}
 		}
 	}()
+}
+
+// logUnreachable says at info level, once a minute per peer, that a peer
+// cannot be reached, and why; the repeats in between are debug lines.
+func (d *Daemon) logUnreachable(msg, peerName string, err error) {
+	ok, suppressed := d.peerLogs.allow(msg + " " + peerName)
+	if !ok {
+		d.log.Debug(msg, "peer", peerName, "err", err)
+		return
+	}
+	attrs := []any{"peer", peerName, "err", err}
+	if suppressed > 0 {
+		attrs = append(attrs, "failures_since_last_report", suppressed)
+	}
+	if msg := err.Error(); strings.Contains(msg, "negotiate security") || strings.Contains(msg, "handshake") {
+		// With another private-network key the stream is garbled from the first byte.
+		attrs = append(attrs, "hint", "the peer answers but the secure handshake fails: is it using the same --cluster-key-file?")
+	}
+	d.log.Info(msg, attrs...)
 }
 
 // dialAttempts bounds the retries of connectAsync.

@@ -5,9 +5,20 @@
 // deterministically, and distributes a cluster plan that becomes active only
 // after every member has acknowledged it.
 //
+// A listen port in use is an error at start (SO_REUSEPORT is off), the
+// cluster key file must be private to its owner (like an ssh key), and
+// peers that cannot be reached or fail the secure handshake (another
+// cluster key) are reported at info level, once a minute per peer.
+//
 // Entry points for the CLI: RunNode (glmtopo node), RunInventory
 // (glmtopo node inventory), RunStatus (glmtopo status) and RunClusterKey
 // (glmtopo node cluster-key).
+//
+// The plan's stages run through a Runtime (RunNodeRuntime; cmd/glmtopo
+// wires the engine): each member advertises its data-plane address
+// (--data-listen) in its hello, plans carry it to the stages' neighbours,
+// and each daemon runs its stage of the active plan, stopping the previous
+// epoch's first.
 //
 // The planner and the model resolver are supplied through Options (Planner,
 // ResolveModel) so this package depends on neither topology nor model;

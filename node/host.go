@@ -2,21 +2,26 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/pnet"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	ipnet "github.com/libp2p/go-libp2p/p2p/net/pnet"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	"github.com/libp2p/go-libp2p/x/rate"
 	ma "github.com/multiformats/go-multiaddr"
 	mss "github.com/multiformats/go-multistream"
 )
@@ -28,18 +33,72 @@ const mdnsServiceName = "_glmtopo._udp"
 // newHost builds the libp2p host: TCP only (pnet cannot protect QUIC,
 // WebTransport or WebRTC, so none are enabled), noise security, the private
 // network key, no relay, no NAT port mapping, no hole punching, no AutoNAT
-// and no bootstrap peers.
-func newHost(key crypto.PrivKey, psk pnet.PSK, listen []ma.Multiaddr) (host.Host, error) {
+// and no bootstrap peers. SO_REUSEPORT is off: with it, a second daemon on
+// the same --listen port binds too and the kernel splits the connections
+// between them; without it, the port in use is an error at start.
+func newHost(key crypto.PrivKey, psk pnet.PSK, listen []ma.Multiaddr, gater connmgr.ConnectionGater) (host.Host, error) {
+	if err := checkListenFree(listen); err != nil {
+		return nil, err
+	}
+	rm, err := newResourceManager()
+	if err != nil {
+		return nil, err
+	}
 	return libp2p.New(
 		libp2p.Identity(key),
+		libp2p.ResourceManager(rm), // the host closes it
+		libp2p.ConnectionGater(gater),
 		libp2p.ListenAddrs(listen...),
 		libp2p.PrivateNetwork(psk),
-		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Transport(tcp.NewTCPTransport, tcp.DisableReuseport()),
 		libp2p.Security(noise.ID, noise.New),
 		libp2p.DisableRelay(),
 		libp2p.UserAgent("glmtopo"),
 		libp2p.DisableMetrics(),
 	)
+}
+
+// newResourceManager is libp2p's default resource manager without its
+// per-IP connection rate limit (0.2 new connections a second after a burst
+// of 16, counting outbound dials too, loopback exempt). The daemon redials a
+// dead member every heartbeat, which drains that member's bucket within
+// seconds; the member's own connections are then refused when it restarts,
+// and the redials keep the bucket empty: it could never rejoin (seen across
+// network namespaces, TestEmulatedHostsNodeLoss in cmd/glmtopo). The private
+// network key already keeps strangers out.
+func newResourceManager() (network.ResourceManager, error) {
+	limits := rcmgr.DefaultLimits
+	libp2p.SetDefaultServiceLimits(&limits)
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.AutoScale()),
+		rcmgr.WithConnRateLimiters(&rate.Limiter{})) // zero limits: no rate limit
+	if err != nil {
+		return nil, fmt.Errorf("libp2p resource manager: %w", err)
+	}
+	return rm, nil
+}
+
+// checkListenFree binds each fixed TCP listen port once, without
+// SO_REUSEPORT, and releases it: a port another process holds (a daemon
+// started with SO_REUSEPORT included) fails here with its address named.
+func checkListenFree(listen []ma.Multiaddr) error {
+	for _, a := range listen {
+		network, hostport, err := dialArgs(a)
+		if err != nil {
+			continue // not a TCP address; libp2p reports it
+		}
+		if _, port, _ := net.SplitHostPort(hostport); port == "0" {
+			continue
+		}
+		ln, err := net.Listen(network, hostport)
+		if err != nil {
+			if errors.Is(err, syscall.EADDRINUSE) {
+				return fmt.Errorf("listen %s: the address is already in use (another glmtopo node or program holds it; stop it or choose another --listen port)", hostport)
+			}
+			return fmt.Errorf("listen %s: %w", hostport, err)
+		}
+		ln.Close()
+	}
+	return nil
 }
 
 // parseHostAddr accepts a multiaddr ("/ip4/10.0.0.2/tcp/7946[/p2p/ID]") or

@@ -38,6 +38,15 @@ type Options struct {
 	OnAssign func(ctx context.Context, plan ClusterPlan, mine StageAssignment) error
 	// OnActive, if set, is called when a plan becomes active on this host.
 	OnActive func(plan ClusterPlan, mine StageAssignment)
+	// Stages, if set, is where the runtime reports its stage's state;
+	// Status.Stages shows it.
+	Stages *StageStates
+	// DataAddr (--data-listen) is where this host's pipeline stage accepts
+	// its ring link; members learn it from the hello and plans carry it.
+	DataAddr string
+	// Links, if set, reports this host's data-plane links (transport
+	// telemetry) for status; a Runtime with a Links method sets it.
+	Links func() []LinkStatus
 
 	Logger *slog.Logger
 }

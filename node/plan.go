@@ -22,6 +22,8 @@ type MemberInventory struct {
 	Name      string        `json:"name" yaml:"name" msgpack:"name"`
 	Addrs     []string      `json:"addrs,omitempty" yaml:"addrs,omitempty" msgpack:"addrs"`
 	Inventory HostInventory `json:"inventory" yaml:"inventory" msgpack:"inventory"`
+	// DataAddr is where the member's pipeline stage accepts its ring link.
+	DataAddr string `json:"data_addr,omitempty" yaml:"data_addr,omitempty" msgpack:"data_addr,omitempty"`
 }
 
 // Neighbor is a pipeline neighbour of a stage: its host and the libp2p
@@ -30,6 +32,8 @@ type Neighbor struct {
 	HostID string   `json:"host_id" yaml:"host_id" msgpack:"host_id"`
 	Name   string   `json:"name" yaml:"name" msgpack:"name"`
 	Addrs  []string `json:"addrs,omitempty" yaml:"addrs,omitempty" msgpack:"addrs"`
+	// DataAddr is the neighbour's pipeline ring endpoint (host:port).
+	DataAddr string `json:"data_addr,omitempty" yaml:"data_addr,omitempty" msgpack:"data_addr,omitempty"`
 }
 
 // StageAssignment is what one host runs under a plan.
@@ -135,7 +139,7 @@ func fillNeighbors(plan *ClusterPlan, members []MemberInventory) {
 	sort.SliceStable(idx, func(a, b int) bool { return plan.Stages[idx[a]].Stage < plan.Stages[idx[b]].Stage })
 	nb := func(i int) *Neighbor {
 		m := byID[plan.Stages[i].HostID]
-		return &Neighbor{HostID: m.ID, Name: m.Name, Addrs: m.Addrs}
+		return &Neighbor{HostID: m.ID, Name: m.Name, Addrs: m.Addrs, DataAddr: m.DataAddr}
 	}
 	for k, i := range idx {
 		st := &plan.Stages[i]

@@ -35,6 +35,7 @@ type helloMsg struct {
 	Model     ModelRef      `msgpack:"model"`
 	Addrs     []string      `msgpack:"addrs"`
 	Inventory HostInventory `msgpack:"inventory"`
+	DataAddr  string        `msgpack:"data_addr,omitempty"` // pipeline ring endpoint (host:port), if any
 }
 
 type helloReply struct {

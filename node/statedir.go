@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -14,7 +13,6 @@ import (
 	"syscall"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
-	"github.com/libp2p/go-libp2p/core/pnet"
 )
 
 const (
@@ -88,23 +86,6 @@ func loadOrCreateNodeKey(dir string) (crypto.PrivKey, error) {
 		return nil, fmt.Errorf("write node key: %w", err)
 	}
 	return k, nil
-}
-
-// LoadClusterKey reads a libp2p private-network key (the go-ipfs
-// swarm.key format: "/key/swarm/psk/1.0.0/", "/base16/", 64 hex digits).
-func LoadClusterKey(path string) (pnet.PSK, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("cluster key: %w", err)
-	}
-	psk, err := pnet.DecodeV1PSK(bytes.NewReader(b))
-	if err != nil {
-		return nil, fmt.Errorf("cluster key %s: %w", path, err)
-	}
-	if len(psk) != 32 {
-		return nil, fmt.Errorf("cluster key %s: %d bytes, want 32", path, len(psk))
-	}
-	return psk, nil
 }
 
 // NewClusterKey returns a fresh cluster key file body.

@@ -62,7 +62,7 @@ func TestLoadClusterKey(t *testing.T) {
 	}{
 		{"generated", string(good), ""},
 		{"short", "/key/swarm/psk/1.0.0/\n/base16/\nabcd", "cluster key"},
-		{"bad header", "hello\n/base16/\n" + strings.Repeat("ab", 32) + "\n", "expected file header"},
+		{"bad header", "hello\n/base16/\n" + strings.Repeat("ab", 32) + "\n", "not a cluster key file"},
 		{"bad hex", "/key/swarm/psk/1.0.0/\n/base16/\n" + strings.Repeat("zz", 32) + "\n", "cluster key"},
 	}
 	for _, tc := range tests {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -38,9 +39,12 @@ type Status struct {
 	PlanEpoch       uint64         `json:"plan_epoch"`
 	PendingEpoch    uint64         `json:"pending_epoch,omitempty"`
 	Plan            *ClusterPlan   `json:"plan,omitempty"`
+	Stages          []StageStatus  `json:"stages,omitempty"`
 	Members         []MemberStatus `json:"members"`
 	Events          []Event        `json:"events,omitempty"`
+	Links           []LinkStatus   `json:"links,omitempty"`
 	UptimeSeconds   float64        `json:"uptime_s"`
+	Goroutines      int            `json:"goroutines"` // this daemon's, so tests can tell a leak
 }
 
 // MemberStatus is one member in this daemon's view.
@@ -62,11 +66,16 @@ type MemberStatus struct {
 
 // Status is a snapshot of this daemon's view of the cluster.
 func (d *Daemon) Status() Status {
+	var links []LinkStatus
+	if d.opts.Links != nil {
+		links = d.opts.Links() // outside d.mu: it reads the transport's counters
+	}
 	now := time.Now()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := Status{ID: d.self.ID, Name: d.self.Name, Addrs: d.advertisedAddrs(), Model: d.model,
-		Coordinator: d.coordinatorLocked(), UptimeSeconds: now.Sub(d.start).Seconds()}
+		Coordinator: d.coordinatorLocked(), UptimeSeconds: now.Sub(d.start).Seconds(),
+		Goroutines: runtime.NumGoroutine()}
 	for id, m := range d.members {
 		ms := MemberStatus{ID: id.String(), Name: m.hello.Name, Alive: m.health != HealthDead, Health: m.health,
 			Reason: m.deadReason, Self: id == d.host.ID(), Coordinator: id.String() == st.Coordinator, Head: m.hello.Head,
@@ -97,7 +106,9 @@ func (d *Daemon) Status() Status {
 		st.PendingEpoch = d.pending.Epoch
 	}
 	st.State, st.Reason = clusterState(d.active, d.broken, st.Members, d.coordReasonForStatusLocked())
+	st.Stages = stageStatuses(d.active, st.Members, d.opts.Stages)
 	st.Events = append([]Event(nil), d.events...)
+	st.Links = links
 	return st
 }
 
@@ -156,6 +167,7 @@ func QueryStatus(ctx context.Context, stateDir string) (Status, error) {
 		return Status{}, fmt.Errorf("no daemon for state dir %s (no %s): start one with `glmtopo node --state-dir %s`", stateDir, controlSockName, stateDir)
 	}
 	client := &http.Client{Transport: &http.Transport{
+		DisableKeepAlives: true, // a one-shot client: an idle connection would hold a daemon goroutine
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", sock)
@@ -230,5 +242,5 @@ func WriteStatusText(w io.Writer, st Status) error {
 	if st.Plan != nil && st.Plan.Summary != "" {
 		fmt.Fprintf(w, "\nplan: %s\n", st.Plan.Summary)
 	}
-	return nil
+	return writeLinks(w, st.Links)
 }

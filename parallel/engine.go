@@ -6,6 +6,7 @@ import (
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/topology"
 )
 
 // Engine runs a whole GLM-4.5 model (one stage holding every layer, the
@@ -21,15 +22,55 @@ type Engine struct {
 	OnLayer func(layer int, h *kernels.Tensor)
 
 	graphs *decodeGraphs // nil when every step runs eagerly
+	// ws holds eager steps' activations (nil where the backend cannot view
+	// tensors: steps then allocate theirs); plan is the memory plan the KV
+	// cache was sized by (memplan.go).
+	ws          *workspace
+	plan        topology.MemoryPlan
+	maxModelLen int
+	maxNumSeqs  int   // sequences a step's workspace was sized for (0: unbounded)
+	warmAllocs  int64 // the backend's driver allocations when warm-up ended
+	limited     bool  // the engine capped the backend's allocator (warmUp)
+
+	// remote runs the layers after this engine's own when it is a pipeline's
+	// head stage (stage_head.go); remoteIn are the current step's inputs.
+	remote   RemoteLayers
+	remoteIn []StepInput
+	warming  bool // NewEngine's profile and warm-up steps are running
 }
 
 // EngineOptions size the KV cache and choose how decode steps run.
+//
+// The KV cache is sized, in order of precedence, by NumGPUBlocksOverride,
+// NumBlocks, MaxTokens, KVCacheMemoryBytes, or else from what the GPU has
+// left (vLLM's --gpu-memory-utilization semantics, memplan.go): after the
+// weights, a worst-case step (MaxNumBatchedTokens tokens over MaxNumSeqs
+// sequences) is run and its peak measured; the cache gets utilization ×
+// total − weights − that peak − decode graphs − runtime − reserve. A
+// backend without device memory (the CPU) gets 8192 tokens.
 type EngineOptions struct {
 	BlockSize int // tokens per KV block (default 16)
-	NumBlocks int // blocks in the pool (default: enough for MaxTokens)
-	MaxTokens int // used when NumBlocks is 0 (default 8192)
+	NumBlocks int // blocks in the pool
+	MaxTokens int // tokens in the pool, when NumBlocks is 0
+	// MaxNumBatchedTokens and MaxNumSeqs bound a step: the step workspace
+	// is sized for them at start (defaults 8192 and 64); Step refuses more
+	// tokens. MaxModelLen (default: the model's max positions) bounds the
+	// decode graphs' contexts and is the request length of the plan's
+	// maximum concurrency.
+	MaxNumBatchedTokens int
+	MaxNumSeqs          int
+	MaxModelLen         int
+	// GPUMemoryUtilization is the fraction of the GPU's memory the engine
+	// may use (default 0.9); KVCacheMemoryBytes and NumGPUBlocksOverride
+	// set the cache's size instead (vLLM's flags of those names).
+	GPUMemoryUtilization float64
+	KVCacheMemoryBytes   int64
+	NumGPUBlocksOverride int
+	// MemoryReserve is headroom kept inside the budget beyond what was
+	// measured (default topology.DefaultReserve; negative: none).
+	MemoryReserve int64
 	// KVDType is the cache's element type (default F32, what the CPU backend
-	// supports; GPU backends take BF16).
+	// supports; GPU backends take BF16, or F8E4M3 for --kv-cache-dtype fp8).
 	KVDType kernels.DType
 	// EnforceEager runs every step kernel by kernel, like vLLM's
 	// --enforce-eager. Otherwise pure decode steps (one token per sequence)
@@ -50,18 +91,86 @@ type EngineOptions struct {
 func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine, error) {
 	c := w.Config
 	s := w.Selection
-	if s.FirstLayer != 0 || s.EndLayer != c.NumHiddenLayers || !s.Embedding || !s.LMHead {
-		return nil, fmt.Errorf("engine: weights hold layers [%d,%d) of %d (embedding %v, lm_head %v); the single-process engine needs the whole model",
+	// A head stage holds layers [0, k) and runs the rest through AttachRemote.
+	if s.FirstLayer != 0 || s.EndLayer > c.NumHiddenLayers || s.EndLayer <= 0 || !s.Embedding || !s.LMHead {
+		return nil, fmt.Errorf("engine: weights hold layers [%d,%d) of %d (embedding %v, lm_head %v); the engine needs the embedding, lm_head and the first layers",
 			s.FirstLayer, s.EndLayer, c.NumHiddenLayers, s.Embedding, s.LMHead)
 	}
+	lenGiven := opt.MaxModelLen > 0
+	if err := opt.withDefaults(c); err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	layers := len(w.Layers)
+	if w.MTP != nil {
+		layers++
+	}
+	gb, graphs := be.(graphBackend)
+	graphs = graphs && !opt.EnforceEager
+	e := &Engine{Cfg: c, BE: be, W: w, maxModelLen: opt.MaxModelLen}
+	plan, err := e.planMemory(opt, layers, graphs, lenGiven)
+	if err != nil {
+		e.ws.free(be)
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	blocks := plan.KVBlocks
+	if graphs {
+		blocks++ // the padding rows' scratch block
+	}
+	kv, err := NewKVPool(be, opt.KVDType, layers, blocks, opt.BlockSize, c.NumKeyValueHeads, c.HeadDim)
+	if err != nil {
+		e.ws.free(be)
+		return nil, fmt.Errorf("engine: %s of KV cache (%d blocks, sized by %s): %w; lower --gpu-memory-utilization, "+
+			"or set --kv-cache-memory-bytes", gibString(plan.KVBytes), plan.KVBlocks, plan.Source, err)
+	}
+	e.KV = kv
+	e.maxModelLen = plan.MaxModelLen
+	if e.ws != nil {
+		e.maxNumSeqs = opt.MaxNumSeqs
+	}
+	opt.MaxModelLen = plan.MaxModelLen
+	if graphs {
+		scratch := kv.takeScratch()
+		ctx := min(kv.NumBlocks*kv.BlockSize, opt.MaxModelLen)
+		if e.graphs, err = newDecodeGraphs(gb, opt.Logger, opt.GraphMaxSeqs, opt.GraphMinContext, ctx, kv.BlockSize, scratch); err != nil {
+			e.Close()
+			return nil, fmt.Errorf("engine: %w", err)
+		}
+		opt.Logger.Info("decode steps replay graphs", "backend", be.Name(), "seq_buckets", e.graphs.seqBuckets,
+			"ctx_buckets", e.graphs.ctxBuckets)
+	}
+	e.plan = plan
+	e.warming = true // a pipeline head warms up over its own layers, before any stage is attached
+	err = e.warmUp(opt)
+	e.warming = false
+	if err != nil {
+		e.Close()
+		return nil, fmt.Errorf("engine: warm-up step: %w", err)
+	}
+	e.logPlan(opt.Logger)
+	return e, nil
+}
+
+func (opt *EngineOptions) withDefaults(c *model.Config) error {
 	if opt.BlockSize <= 0 {
 		opt.BlockSize = 16
 	}
-	if opt.MaxTokens <= 0 {
-		opt.MaxTokens = 8192
+	if opt.MaxNumSeqs <= 0 {
+		opt.MaxNumSeqs = 64
 	}
-	if opt.NumBlocks <= 0 {
-		opt.NumBlocks = (opt.MaxTokens + opt.BlockSize - 1) / opt.BlockSize
+	if opt.MaxNumBatchedTokens <= 0 {
+		opt.MaxNumBatchedTokens = max(8192, opt.MaxNumSeqs)
+	}
+	if opt.MaxModelLen <= 0 {
+		opt.MaxModelLen = c.MaxPositionEmbeddings
+	}
+	if opt.GPUMemoryUtilization == 0 {
+		opt.GPUMemoryUtilization = 0.9
+	}
+	switch {
+	case opt.MemoryReserve == 0:
+		opt.MemoryReserve = topology.DefaultReserve
+	case opt.MemoryReserve < 0:
+		opt.MemoryReserve = 0
 	}
 	if opt.GraphMaxSeqs <= 0 {
 		opt.GraphMaxSeqs = 64
@@ -72,31 +181,16 @@ func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()
 	}
-	layers := c.NumHiddenLayers
-	if w.MTP != nil {
-		layers++
+	switch {
+	case opt.MaxNumBatchedTokens < opt.MaxNumSeqs:
+		return fmt.Errorf("--max-num-batched-tokens %d is smaller than --max-num-seqs %d: a step must hold one token of every running sequence; raise it to at least %d",
+			opt.MaxNumBatchedTokens, opt.MaxNumSeqs, opt.MaxNumSeqs)
+	case opt.GPUMemoryUtilization < 0 || opt.GPUMemoryUtilization > 1:
+		return fmt.Errorf("--gpu-memory-utilization %g is outside (0, 1]", opt.GPUMemoryUtilization)
+	case opt.KVCacheMemoryBytes < 0 || opt.NumGPUBlocksOverride < 0:
+		return fmt.Errorf("--kv-cache-memory-bytes %d and --num-gpu-blocks-override %d must not be negative", opt.KVCacheMemoryBytes, opt.NumGPUBlocksOverride)
 	}
-	gb, graphs := be.(graphBackend)
-	graphs = graphs && !opt.EnforceEager
-	blocks := opt.NumBlocks
-	if graphs {
-		blocks++ // the padding rows' scratch block
-	}
-	kv, err := NewKVPool(be, opt.KVDType, layers, blocks, opt.BlockSize, c.NumKeyValueHeads, c.HeadDim)
-	if err != nil {
-		return nil, err
-	}
-	e := &Engine{Cfg: c, BE: be, W: w, KV: kv}
-	if graphs {
-		scratch := kv.takeScratch()
-		if e.graphs, err = newDecodeGraphs(gb, opt.Logger, opt.GraphMaxSeqs, opt.GraphMinContext, kv.NumBlocks*kv.BlockSize, kv.BlockSize, scratch); err != nil {
-			kv.Close()
-			return nil, fmt.Errorf("engine: %w", err)
-		}
-		opt.Logger.Info("decode steps replay graphs", "backend", be.Name(), "seq_buckets", e.graphs.seqBuckets,
-			"ctx_buckets", e.graphs.ctxBuckets)
-	}
-	return e, nil
+	return nil
 }
 
 // Close frees the decode graphs and the KV cache (the weights belong to the
@@ -106,7 +200,17 @@ func (e *Engine) Close() {
 		e.graphs.close()
 		e.graphs = nil
 	}
-	e.KV.Close()
+	if e.KV != nil {
+		e.KV.Close()
+	}
+	e.ws.free(e.BE)
+	e.ws = nil
+	if mm, ok := e.BE.(kernels.MemoryManager); ok && e.limited {
+		mm.SetMemoryLimit(0) // the limit was this engine's plan
+		if sr, ok := e.BE.(kernels.ScratchReserver); ok {
+			_ = sr.ReserveScratch(0) // the plan's scratch goes with it
+		}
+	}
 }
 
 // StepInput appends Tokens to Seq (a prefill chunk, or one decode token).
@@ -177,10 +281,26 @@ func (e *Engine) Step(inputs []StepInput, allRows bool) (*StepResult, error) {
 		e.graphs.close() // the last step's result came from the warm-up; it is past its life now
 		e.graphs = nil
 	}
-	if e.graphs != nil && !allRows && e.OnLayer == nil {
+	if err := e.checkLayers(inputs); err != nil { // stage_head.go
+		return nil, err
+	}
+	if e.graphs != nil && !allRows && e.OnLayer == nil && e.remote == nil {
 		if res, ok, err := e.graphs.step(e, inputs); ok {
 			return res, err
 		}
+	}
+	tokens := 0
+	for _, in := range inputs {
+		tokens += len(in.Tokens)
+	}
+	ws := e.ws
+	if ws != nil && tokens > ws.maxTokens {
+		return nil, fmt.Errorf("%w: a step of %d tokens is larger than --max-num-batched-tokens %d (the step workspace)",
+			ErrInvalidRequest, tokens, ws.maxTokens)
+	}
+	rows := e.outputRows(inputs, allRows)
+	if ws != nil && len(rows) > ws.maxRows {
+		ws = nil // more output rows than the workspace's head holds (an all-rows step): this one allocates
 	}
 	b, ids, err := e.batch(inputs, false)
 	if err != nil {
@@ -190,42 +310,68 @@ func (e *Engine) Step(inputs []StepInput, allRows bool) (*StepResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := &model.Forward{Cfg: e.Cfg, BE: e.BE, Meta: meta, T: len(ids)}
-	res := &StepResult{release: f.Release}
-	fail := func(err error) (*StepResult, error) {
+	be := e.BE
+	if ws != nil {
+		ws.begin()
+		be = arenaBackend{e.BE, ws}
+	}
+	f := &model.Forward{Cfg: e.Cfg, BE: be, Meta: meta, T: len(ids)}
+	res := &StepResult{release: f.Release, Rows: rows}
+	e.remoteIn = inputs
+	if res.Normed, res.Logits, err = e.forward(f, ws, ids, rows, e.KV.Layers); err != nil {
 		f.Release()
 		return nil, err
-	}
-	h, err := f.Embed(e.W.Embed, ids)
-	if err != nil {
-		return fail(err)
-	}
-	if e.OnLayer != nil {
-		e.OnLayer(-1, h)
-	}
-	for i, lw := range e.W.Layers {
-		if err := f.Layer(lw, h, e.KV.Layers[i]); err != nil {
-			return fail(err)
-		}
-		if e.OnLayer != nil {
-			e.OnLayer(lw.Index, h)
-		}
-	}
-	rows := e.outputRows(inputs, allRows)
-	res.Rows = rows
-	sel := h
-	if len(rows) != len(ids) {
-		if sel, err = f.Gather(h, rows); err != nil {
-			return fail(err)
-		}
-	}
-	if res.Normed, res.Logits, err = f.Head(sel, e.W.FinalNorm, e.W.LMHead); err != nil {
-		return fail(err)
 	}
 	for _, in := range inputs {
 		in.Seq.Len += len(in.Tokens)
 	}
 	return res, nil
+}
+
+// forward runs the model over ids and returns the head's outputs of rows.
+// With a workspace, every layer's temporaries reuse the space after the
+// residual stream (ws.reset at each layer boundary).
+func (e *Engine) forward(f *model.Forward, ws *workspace, ids []int32, rows []int, caches []*kernels.KVCache) (normed, logits *kernels.Tensor, err error) {
+	h, err := f.Embed(e.W.Embed, ids)
+	if err != nil {
+		return nil, nil, err
+	}
+	if ws != nil {
+		ws.setMark()
+	}
+	if e.OnLayer != nil {
+		e.OnLayer(-1, h)
+	}
+	for i, lw := range e.W.Layers {
+		if ws != nil {
+			ws.reset()
+		}
+		var cache *kernels.KVCache
+		if caches != nil {
+			cache = caches[i]
+		}
+		if err := f.Layer(lw, h, cache); err != nil {
+			return nil, nil, err
+		}
+		if e.OnLayer != nil {
+			e.OnLayer(lw.Index, h)
+		}
+	}
+	if caches != nil { // the pipeline's other stages, if any (stage_head.go)
+		if err := e.runRemote(e.remoteIn, h); err != nil {
+			return nil, nil, err
+		}
+	}
+	if ws != nil {
+		ws.reset()
+	}
+	sel := h
+	if len(rows) != len(ids) {
+		if sel, err = f.Gather(h, rows); err != nil {
+			return nil, nil, err
+		}
+	}
+	return f.Head(sel, e.W.FinalNorm, e.W.LMHead)
 }
 
 func (e *Engine) outputRows(inputs []StepInput, all bool) []int {
@@ -244,20 +390,16 @@ func (e *Engine) outputRows(inputs []StepInput, all bool) []int {
 	return rows
 }
 
-// MTPStep runs the MTP layer: inputs carry, per sequence, the tokens that
-// follow the positions whose normed hidden states are the rows of hPrev
-// (one row per token, in order). The token at position 0 is masked (its
-// embedding is zero), as vLLM and SGLang do. It returns logits for every row.
-func (e *Engine) MTPStep(inputs []StepInput, hPrev *kernels.Tensor) (*StepResult, error) {
-	if e.W.MTP == nil {
-		return nil, fmt.Errorf("engine: the model was loaded without its MTP layer")
-	}
+// mtpInput lays out inputs for the MTP layer over hPrev's rows (one per
+// token): a forward over the batch on the device and the token ids, the one
+// at position 0 masked (-1: a zero embedding), as vLLM and SGLang do.
+func (e *Engine) mtpInput(inputs []StepInput, hPrev *kernels.Tensor) (*model.Forward, []int32, error) {
 	b, ids, err := e.batch(inputs, true)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if hPrev.Rows() != len(ids) {
-		return nil, fmt.Errorf("engine: mtp step has %d tokens and %d hidden rows", len(ids), hPrev.Rows())
+		return nil, nil, fmt.Errorf("engine: mtp step has %d tokens and %d hidden rows", len(ids), hPrev.Rows())
 	}
 	for i, p := range b.Positions {
 		if p == 0 {
@@ -266,9 +408,23 @@ func (e *Engine) MTPStep(inputs []StepInput, hPrev *kernels.Tensor) (*StepResult
 	}
 	meta, err := e.BE.UploadBatch(b)
 	if err != nil {
+		return nil, nil, err
+	}
+	return &model.Forward{Cfg: e.Cfg, BE: e.BE, Meta: meta, T: len(ids)}, ids, nil
+}
+
+// MTPStep runs the MTP layer: inputs carry, per sequence, the tokens that
+// follow the positions whose normed hidden states are the rows of hPrev
+// (one row per token, in order). The token at position 0 is masked (its
+// embedding is zero), as vLLM and SGLang do. It returns logits for every row.
+func (e *Engine) MTPStep(inputs []StepInput, hPrev *kernels.Tensor) (*StepResult, error) {
+	if e.W.MTP == nil {
+		return nil, fmt.Errorf("engine: the model was loaded without its MTP layer")
+	}
+	f, ids, err := e.mtpInput(inputs, hPrev)
+	if err != nil {
 		return nil, err
 	}
-	f := &model.Forward{Cfg: e.Cfg, BE: e.BE, Meta: meta, T: len(ids)}
 	logits, err := f.MTP(e.W.MTP, hPrev, ids, e.KV.Layers[len(e.KV.Layers)-1])
 	if err != nil {
 		f.Release()

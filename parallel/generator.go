@@ -1,5 +1,6 @@
 // Package parallel runs GLM-4.5 layers as pipeline stages: KV cache, batching,
-// the single-process engine, and (later) expert-parallel dispatch and MTP speculation.
+// the single-process engine with MTP speculative decoding (spec*.go), and
+// (later) expert-parallel dispatch.
 package parallel
 
 import (

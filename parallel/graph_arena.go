@@ -86,11 +86,12 @@ func (a *graphArena) free() {
 	a.all, a.pools, a.ids, a.h, a.normed, a.logits, a.bytes = nil, nil, nil, nil, nil, nil, 0
 }
 
-// arenaBackend is the backend as a forward through the arena sees it:
-// allocations come from the arena and frees are no-ops (the arena owns).
+// arenaBackend is the backend as a forward through an arena sees it (a
+// decode graph's, or the step workspace): allocations come from the arena
+// and frees are no-ops (the arena owns).
 type arenaBackend struct {
 	kernels.Backend
-	a *graphArena
+	a arenaAllocator
 }
 
 func (b arenaBackend) NewTensor(dt kernels.DType, shape ...int) (*kernels.Tensor, error) {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/topology"
 )
 
 // Decode steps replayed from captured graphs.
@@ -129,35 +130,12 @@ func newDecodeGraphs(be graphBackend, log *slog.Logger, maxSeqs, minCtx, poolTok
 	return g, nil
 }
 
-// seqBuckets are the padded batch sizes: 1, 2, 4, 8, then steps of 8 to 32,
-// of 16 to 64, of 32 to 128 and so on (past 16 sequences padding fills less
-// than a third of a batch), the last one maxSeqs.
-func seqBuckets(maxSeqs int) []int {
-	var out []int
-	for b := 1; b < maxSeqs; {
-		out = append(out, b)
-		if b < 8 {
-			b *= 2
-			continue
-		}
-		p := 8
-		for p*2 <= b {
-			p *= 2
-		}
-		b += max(8, p/2)
-	}
-	return append(out, maxSeqs)
-}
-
-// ctxBuckets are the padded context lengths: minCtx doubling up to the KV
-// pool's capacity, which is the last.
-func ctxBuckets(minCtx, poolTokens int) []int {
-	var out []int
-	for c := minCtx; c < poolTokens; c *= 2 {
-		out = append(out, c)
-	}
-	return append(out, poolTokens)
-}
+// seqBuckets and ctxBuckets are the memory model's (topology.GraphBytes
+// counts the graphs' memory from them).
+var (
+	seqBuckets = topology.SeqBuckets
+	ctxBuckets = topology.CtxBuckets
+)
 
 // bucket is the smallest of buckets (ascending) ≥ n, or 0 when n is wider than all.
 func bucket(buckets []int, n int) int {
@@ -303,8 +281,18 @@ func (g *decodeGraphs) result(e *Engine, a *graphArena, n int) (*StepResult, err
 			e.BE.Free(t)
 		}
 	}
+	if e.ws != nil {
+		e.ws.begin() // the copies live in the step workspace, as an eager step's outputs
+		release = func() {}
+	}
 	for _, src := range []*kernels.Tensor{a.logits, a.normed} {
-		t, err := e.BE.NewTensor(kernels.F32, n, src.Cols())
+		var t *kernels.Tensor
+		var err error
+		if e.ws != nil {
+			t, err = e.ws.take(kernels.F32, []int{n, src.Cols()})
+		} else {
+			t, err = e.BE.NewTensor(kernels.F32, n, src.Cols())
+		}
 		if err != nil {
 			release()
 			return nil, fmt.Errorf("decode graph: gather rows: %w", err)

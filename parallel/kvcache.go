@@ -18,10 +18,13 @@ type KVPool struct {
 	Layers    []*kernels.KVCache // one per layer this stage runs (the MTP layer last, if any)
 	free      []int32
 	be        kernels.Backend
+	// released, when set, hears of every sequence's blocks as they return
+	// to the pool (a pipeline head's ring announces them to its stages).
+	released func(blocks []int32)
 }
 
 // NewKVPool allocates numBlocks blocks for layers layers, elements of dtype dt
-// (F32 on the CPU; BF16 where the backend supports it).
+// (F32 or F8E4M3 on the CPU; BF16 or F8E4M3, vLLM's --kv-cache-dtype fp8, on CUDA).
 func NewKVPool(be kernels.Backend, dt kernels.DType, layers, numBlocks, blockSize, kvHeads, headDim int) (*KVPool, error) {
 	if numBlocks <= 0 || blockSize <= 0 {
 		return nil, fmt.Errorf("kv cache: %d blocks of %d tokens", numBlocks, blockSize)
@@ -85,6 +88,9 @@ func (p *KVPool) Reserve(s *Seq, n int) error {
 
 // Release returns s's blocks to the pool.
 func (p *KVPool) Release(s *Seq) {
+	if p.released != nil && len(s.Blocks) > 0 {
+		p.released(s.Blocks)
+	}
 	for i := len(s.Blocks) - 1; i >= 0; i-- {
 		p.free = append(p.free, s.Blocks[i])
 	}

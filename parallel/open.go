@@ -60,6 +60,9 @@ func Open(ctx context.Context, src ModelSource, be kernels.Backend, opt EngineOp
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := checkWeightsFit(cfg, be, opt); err != nil {
+		return nil, nil, err
+	}
 	var w *model.Weights
 	release := func() {}
 	if src.Dummy() {
@@ -77,7 +80,7 @@ func Open(ctx context.Context, src ModelSource, be kernels.Backend, opt EngineOp
 	e, err = NewEngine(be, w, opt)
 	if err != nil {
 		release()
-		return nil, nil, fmt.Errorf("engine: %w", err)
+		return nil, nil, err // NewEngine's errors say "engine: ..."
 	}
 	return e, func() { e.Close(); release() }, nil
 }

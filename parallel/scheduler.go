@@ -14,11 +14,18 @@ import (
 
 // SchedulerOptions bound the scheduler's work.
 type SchedulerOptions struct {
-	MaxNumSeqs    int // sequences decoded together (default 64)
-	MaxWaiting    int // queued requests before ErrSaturated (default 1024)
-	MaxModelLen   int // prompt + completion limit (default: the model's max positions, capped by the KV pool)
-	PrefillTokens int // prompt tokens prefilled per step over all sequences: the chunked-prefill budget (default 2048)
+	MaxNumSeqs  int // sequences decoded together (default 64)
+	MaxWaiting  int // queued requests before ErrSaturated (default 1024)
+	MaxModelLen int // prompt + completion limit (default: the model's max positions, capped by the KV pool)
+	// PrefillTokens is vLLM's --max-num-batched-tokens: the tokens of one
+	// step over all sequences, each running sequence's decode token first
+	// and prompt chunks (chunked prefill) in the rest (default 2048; capped
+	// by the engine's step workspace, Engine.MaxStepTokens).
+	PrefillTokens int
 	Logger        *slog.Logger
+	// Speculative turns on MTP speculative decoding (spec_step.go); the
+	// engine must hold the MTP layer (SpecConfig.CheckEngine).
+	Speculative SpecConfig
 }
 
 // Scheduler serves concurrent requests on one Engine with continuous
@@ -43,6 +50,8 @@ type Scheduler struct {
 	Running atomic.Int64
 	Waiting atomic.Int64
 	kvUsed  atomic.Int64 // KV blocks held by sequences, updated by the loop
+
+	spec *speculator // nil without speculative decoding (spec_step.go)
 }
 
 // KVCacheUsage is the fraction of the paged KV cache held by sequences
@@ -65,6 +74,7 @@ type request struct {
 	sampled   bool // next holds a token sampled this step
 	next      int32
 	cancelled atomic.Bool
+	spec      specSeq // drafts and acceptance (spec_step.go)
 
 	mu     sync.Mutex
 	tokens []int
@@ -114,7 +124,9 @@ func NewScheduler(e *Engine, opt SchedulerOptions) *Scheduler {
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()
 	}
+	opt = e.boundScheduler(opt) // memplan.go: never more than the step workspace holds
 	s := &Scheduler{eng: e, opt: opt, log: opt.Logger, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	s.spec = newSpeculator(opt.Speculative)
 	for _, id := range e.Cfg.EOSTokenIDs {
 		s.eos = append(s.eos, int32(id))
 	}
@@ -193,6 +205,7 @@ func (s *Scheduler) Generate(ctx context.Context, req Request, emit func(int) er
 		}
 		if ended {
 			res.CompletionTokens = r.generated
+			res.DraftTokens, res.AcceptedTokens = r.spec.drafted, r.spec.accepted
 			res.Finish = finish
 			return res, err
 		}
@@ -327,11 +340,25 @@ func (s *Scheduler) admit() {
 // prompt, and prompt chunks (chunked prefill) within the PrefillTokens budget,
 // so a long prompt never stalls the running batch for more than one budget.
 func (s *Scheduler) step() error {
+	if s.spec != nil {
+		return s.specStep() // spec_step.go
+	}
+	if r, ok := s.eng.remote.(*Ring); ok && r.pipe != nil {
+		return s.pipeStep(r) // stage_sched.go: several micro-batches in the pipeline
+	}
 	inputs := make([]StepInput, 0, len(s.running))
 	order := make([]*request, 0, len(s.running))
 	budget := s.opt.PrefillTokens
 	for _, r := range s.running {
+		if r.prefilled >= len(r.req.PromptIDs) {
+			budget-- // decode tokens count against the step's tokens first
+		}
+	}
+	for _, r := range s.running {
 		r.chunk = 0
+		if r.cancelled.Load() {
+			continue // aborted since reap: no more prefill or decode work; the next reap frees it
+		}
 		toks := []int32{r.last}
 		if n := len(r.req.PromptIDs); r.prefilled < n {
 			if budget <= 0 {
@@ -343,6 +370,9 @@ func (s *Scheduler) step() error {
 		}
 		inputs = append(inputs, StepInput{Seq: &r.seq, Tokens: toks})
 		order = append(order, r)
+	}
+	if len(inputs) == 0 {
+		return nil
 	}
 	res, err := s.eng.Step(inputs, false)
 	if err != nil {
@@ -384,16 +414,7 @@ func (s *Scheduler) step() error {
 			continue
 		}
 		r.sampled = false
-		tok := r.next
-		r.generated++
-		r.last = tok
-		finish, stop := s.finished(r, tok)
-		if !stop {
-			r.push(int(tok))
-		}
-		if finish != "" {
-			s.eng.KV.Release(&r.seq)
-			r.end(finish, nil)
+		if s.accept(r, r.next) {
 			continue
 		}
 		kept = append(kept, r)
@@ -401,6 +422,24 @@ func (s *Scheduler) step() error {
 	s.running = kept
 	s.Running.Store(int64(len(kept)))
 	return nil
+}
+
+// accept records tok as r's next generated token and streams it unless it
+// is a stop; when r is finished it releases r's KV blocks, ends r and
+// reports true.
+func (s *Scheduler) accept(r *request, tok int32) bool {
+	r.generated++
+	r.last = tok
+	finish, stop := s.finished(r, tok)
+	if !stop {
+		r.push(int(tok))
+	}
+	if finish == "" {
+		return false
+	}
+	s.eng.KV.Release(&r.seq)
+	r.end(finish, nil)
+	return true
 }
 
 // finished says whether r ends with tok, and whether tok is a stop token (not emitted).

@@ -23,7 +23,9 @@ pids=()
 for i in 0 1; do
   "$bin" node --state-dir "$state/host$i" --name "host$i" --cluster-key-file "$state/cluster.key" \
     --listen "127.0.0.1:$((port + 100 + i))" --peers "$peers" --mdns=false --model "$model" --expect 2 \
-    --heartbeat-interval 200ms >"$state/host$i.log" 2>&1 &
+    --heartbeat-interval 200ms --data-listen "127.0.0.1:$((port + 200 + i))" \
+    --host 127.0.0.1 --port "$port" --served-model-name tiny \
+    --enable-auto-tool-choice --tool-call-parser glm45 --reasoning-parser glm45 >"$state/host$i.log" 2>&1 &
   pids+=($!)
 done
 stop_cluster() { kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; }
@@ -35,19 +37,15 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 "$bin" status --state-dir "$state/host0"
-echo "(stages across hosts are planned, not yet executed: the head serves the whole model below)"
+echo "(each daemon runs its stage of the active plan: the head stage serves the API, the other runs its layers)"
 
 echo
-echo "== starting: glmtopo serve --model $model --port $port"
-"$bin" serve --model "$model" --host 127.0.0.1 --port "$port" --served-model-name tiny \
-  --enable-auto-tool-choice --tool-call-parser glm45 --reasoning-parser glm45 >"$cache/serve.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true; stop_cluster' EXIT
-for _ in $(seq 1 100); do
+echo "== the head daemon serves the OpenAI API on port $port through the two-stage pipeline"
+for _ in $(seq 1 300); do
   curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-  kill -0 $server 2>/dev/null || { cat "$cache/serve.log"; exit 1; }
   sleep 0.1
 done
+curl -sf "http://127.0.0.1:$port/health" >/dev/null || { tail -20 "$state"/host*.log; exit 1; }
 api() {
   local path=$1 body=${2:-}
   echo; echo "$ curl $path $body"
@@ -61,4 +59,4 @@ api /v1/chat/completions '{"model":"tiny","messages":[{"role":"user","content":"
 api /tokenize '{"model":"tiny","prompt":"Hello, world!"}'
 echo
 echo "== the model's weights are random, so its text is noise; the API, tokenizer, chat template and engine are real."
-echo "== server log: $cache/serve.log"
+echo "== daemon logs: $state/host0.log, $state/host1.log"

@@ -235,10 +235,12 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		}
 		return sse.send(chunk(deltaOut(d), nil))
 	}
+	roleSent := false
 	startStream := func() error {
-		if !cr.Stream || sse.started {
+		if !cr.Stream || roleSent {
 			return nil
 		}
+		roleSent = true
 		empty := ""
 		if err := sse.send(chunk(chatDelta{Role: "assistant", Content: &empty}, nil)); err != nil {
 			return err
@@ -247,6 +249,8 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	}
 	if !cr.Stream {
 		acc.Add(parser.Feed(plan.prefill))
+	} else if sse.open() != nil {
+		return // the client is gone
 	}
 	g := &generation{
 		req: plan.req, stop: plan.stop, skipID: plan.skipID, arrival: arrival,
@@ -317,8 +321,11 @@ func (s *Server) failGeneration(w http.ResponseWriter, r *http.Request, sse *sse
 		s.log.Debug("client went away", "path", r.URL.Path, "err", err)
 		return
 	}
-	if e.Status >= 500 {
+	if e.Status >= 500 && e.Status != http.StatusServiceUnavailable { // 503s are counted by s.overload
 		s.log.Error("generation failed", "path", r.URL.Path, "err", err)
+	}
+	if e.Status == http.StatusServiceUnavailable && sse.started {
+		s.overload.add("refused")
 	}
 	if !sse.started {
 		s.writeError(w, e)

@@ -111,8 +111,8 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 			return sse.send(chunk(t, nil))
 		},
 	}
-	if cr.Stream {
-		g.onFirstToken = func() error { sse.start(); return nil }
+	if cr.Stream && sse.open() != nil {
+		return // the client is gone
 	}
 	res, err := s.run(r.Context(), g)
 	if err != nil {

@@ -87,11 +87,14 @@ func TestSaturation(t *testing.T) {
 	gen := newFakeGen(scriptText(t, "ok"))
 	gen.err = fmt.Errorf("queue: %w", parallel.ErrSaturated)
 	_, ts := newTestServer(t, testConfig(), gen)
-	for _, body := range []string{chatBody(""), chatBody(`"stream":true`)} {
-		status, b := post(t, ts, "/v1/chat/completions", body)
-		if status != http.StatusServiceUnavailable || !strings.Contains(string(b), "saturated") {
-			t.Fatalf("status %d: %s", status, b)
-		}
+	status, b := post(t, ts, "/v1/chat/completions", chatBody(""))
+	if status != http.StatusServiceUnavailable || !strings.Contains(string(b), "saturated") {
+		t.Fatalf("status %d: %s", status, b)
+	}
+	// A stream's headers went out at admission: the refusal is its error event.
+	status, b = post(t, ts, "/v1/chat/completions", chatBody(`"stream":true`))
+	if status != http.StatusOK || !streamRefused(b) || !strings.Contains(string(b), "saturated") {
+		t.Fatalf("stream: status %d: %s", status, b)
 	}
 
 	// The server's own admission limit: requests beyond it are refused, not queued.
@@ -108,7 +111,7 @@ func TestSaturation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	status, b := post(t, ts, "/v1/chat/completions", chatBody(""))
+	status, b = post(t, ts, "/v1/chat/completions", chatBody(""))
 	if status != http.StatusServiceUnavailable {
 		t.Fatalf("second request: %d %s", status, b)
 	}

@@ -159,6 +159,8 @@ func engineError(ctx context.Context, err error) *APIError {
 		return nil
 	case errors.Is(err, parallel.ErrSaturated):
 		return &APIError{Status: http.StatusServiceUnavailable, Type: "ServiceUnavailableError", Message: "the server is saturated: too many requests waiting; retry later"}
+	case errors.Is(err, parallel.ErrPipelineDown):
+		return &APIError{Status: http.StatusServiceUnavailable, Type: "ServiceUnavailableError", Message: "a pipeline stage is unavailable; retry later: " + err.Error()}
 	case errors.Is(err, parallel.ErrPromptTooLong):
 		return &APIError{Status: http.StatusBadRequest, Type: "BadRequestError", Param: "messages", Message: err.Error()}
 	case errors.Is(err, parallel.ErrInvalidRequest):

@@ -6,6 +6,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/glmtopo/glmtopo/topology"
 )
 
 // metrics are the server's Prometheus metrics, named like vLLM's `vllm:`
@@ -83,4 +85,40 @@ func (m *metrics) watchKVCache(modelName string, usage func() float64) {
 		Name: "glmtopo:kv_cache_usage_perc", Help: "Fraction of the paged KV cache held by sequences (1 = full).",
 		ConstLabels: prometheus.Labels{"model_name": modelName},
 	}, usage))
+}
+
+// memoryPlanner is implemented by engines that sized their memory at start
+// (parallel.Scheduler: the engine's topology.MemoryPlan).
+type memoryPlanner interface {
+	MemoryPlan() topology.MemoryPlan
+	DriverAllocsAfterWarmUp() int64
+}
+
+// exportMemoryPlan publishes the engine's memory plan as gauges (vLLM logs
+// the same figures at start): bytes by use, the KV cache in blocks and
+// tokens, and the maximum concurrency at max-model-len.
+func (m *metrics) exportMemoryPlan(modelName string, mp memoryPlanner) {
+	p := mp.MemoryPlan()
+	labels := prometheus.Labels{"model_name": modelName}
+	bytes := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "glmtopo:memory_plan_bytes", ConstLabels: labels,
+		Help: "The engine's memory plan per GPU at start, by use: total, budget (total × gpu-memory-utilization), weights, activations (a profiled worst-case step), workspace (of which preallocated), graphs, runtime, reserve, kv_cache, planned (all uses).",
+	}, []string{"use"})
+	for use, v := range map[string]int64{"total": p.Total, "budget": p.Budget(), "weights": p.Weights, "activations": p.Activations,
+		"workspace": p.Workspace, "graphs": p.Graphs, "runtime": p.Runtime, "reserve": p.Reserve, "kv_cache": p.KVBytes, "planned": p.Used()} {
+		bytes.WithLabelValues(use).Set(float64(v))
+	}
+	gauge := func(name, help string, v float64) prometheus.Gauge {
+		g := prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help, ConstLabels: labels})
+		g.Set(v)
+		return g
+	}
+	m.registry.MustRegister(bytes,
+		gauge("glmtopo:num_gpu_blocks", "KV cache blocks (vLLM's cache_config_info num_gpu_blocks).", float64(p.KVBlocks)),
+		gauge("glmtopo:kv_cache_tokens", "Tokens the KV cache holds.", float64(p.KVTokens())),
+		gauge("glmtopo:max_concurrency", "Requests of max-model-len tokens the KV cache holds at once.", p.MaxConcurrency()),
+		gauge("glmtopo:max_num_batched_tokens", "Tokens per engine step the step workspace was sized for.", float64(p.BatchedTokens)),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "glmtopo:device_allocations_after_warmup", ConstLabels: labels,
+			Help: "Device memory allocations since the engine's warm-up (decode graphs captured on first use add theirs; eager steps none; -1: not counted)."},
+			func() float64 { return float64(mp.DriverAllocsAfterWarmUp()) }))
 }

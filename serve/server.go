@@ -2,7 +2,9 @@
 // /v1/chat/completions and /v1/completions (streaming and not), vLLM's
 // /tokenize and /detokenize, /health and Prometheus /metrics. It renders
 // chats with the GLM-4.5 template, runs a parallel.Generator, and parses the
-// output with the glm45 reasoning and tool-call parsers.
+// output with the glm45 reasoning and tool-call parsers. Serve bounds what
+// a client can hold: header, body and idle timeouts and a connection cap
+// below the file limit (conns.go), so slow clients cannot starve others.
 package serve
 
 import (
@@ -39,7 +41,14 @@ type Server struct {
 	markupIDs   map[int]bool // special tokens the glm45 parsers need as text
 	admit       chan struct{}
 	created     int64
+	maxConns    int
+	bodyTimeout time.Duration
+	overload    *eventLog // 503s, one line per interval
+	connEvents  *eventLog // connections evicted or refused at the cap
 }
+
+// logInterval is how often a repeated overload event is logged.
+const logInterval = 10 * time.Second
 
 // NewServer checks cfg against the engine and tokenizer and builds a server.
 func NewServer(cfg Config, gen parallel.Generator, tok *tokenizer.Tokenizer, logger *slog.Logger) (*Server, error) {
@@ -73,9 +82,20 @@ func NewServer(cfg Config, gen parallel.Generator, tok *tokenizer.Tokenizer, log
 		markupIDs:   map[int]bool{},
 		admit:       make(chan struct{}, cfg.MaxNumSeqs+cfg.MaxWaiting),
 		created:     time.Now().Unix(),
+		maxConns:    defaultMaxConnections(),
+		bodyTimeout: bodyTimeout,
+		overload:    newEventLog(logger, slog.LevelWarn, "requests refused with 503: the server is saturated", logInterval),
+		connEvents: newEventLog(logger, slog.LevelWarn, "connection limit reached: stalled connections evicted, new ones refused",
+			logInterval),
+	}
+	if mp, ok := gen.(memoryPlanner); ok {
+		s.metrics.exportMemoryPlan(cfg.ServedModelNames[0], mp)
 	}
 	if u, ok := gen.(kvCacheUser); ok {
 		s.metrics.watchKVCache(cfg.ServedModelNames[0], u.KVCacheUsage)
+	}
+	if sd, ok := gen.(specDecoder); ok { // specmetrics.go
+		s.metrics.watchSpecDecode(cfg.ServedModelNames[0], sd)
 	}
 	for _, id := range gen.EOSTokenIDs() {
 		s.eos[id] = true
@@ -87,6 +107,14 @@ func NewServer(cfg Config, gen parallel.Generator, tok *tokenizer.Tokenizer, log
 		}
 	}
 	return s, nil
+}
+
+// SetMaxConnections caps the connections Serve holds (default: the soft
+// file limit less a reserve); n < 1 keeps the default.
+func (s *Server) SetMaxConnections(n int) {
+	if n >= 1 {
+		s.maxConns = n
+	}
 }
 
 // MaxModelLen is the context length the server enforces.
@@ -118,16 +146,25 @@ func (s *Server) ListenAndServe(ctx context.Context) error {
 	return s.Serve(ctx, ln)
 }
 
-// Serve is ListenAndServe on an existing listener.
+// Serve is ListenAndServe on an existing listener. It holds at most
+// SetMaxConnections connections (see connLimiter) and bounds how long a
+// request's headers, its body and an idle connection may take.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	lim := newConnLimiter(ln, s.maxConns, s.connEvents.add)
+	ln = lim
 	srv := &http.Server{
 		Handler:           s.Handler(),
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		ReadHeaderTimeout: headerTimeout,
+		IdleTimeout:       idleTimeout,
 		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, connKey{}, connHandle{conn: c, lim: lim, bodyTimeout: s.bodyTimeout})
+		},
+		ConnState: lim.connState,
+		ErrorLog:  slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
-	s.log.Info("serving", "addr", ln.Addr().String(), "model", s.cfg.ServedModelNames[0], "max_model_len", s.maxModelLen)
+	s.log.Info("serving", "addr", ln.Addr().String(), "model", s.cfg.ServedModelNames[0], "max_model_len", s.maxModelLen,
+		"max_connections", s.maxConns)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
@@ -187,6 +224,7 @@ func (s *Server) writeError(w http.ResponseWriter, e *APIError) {
 	s.metrics.requestErrors.WithLabelValues(strconv.Itoa(e.Status)).Inc()
 	if e.Status == http.StatusServiceUnavailable || e.Status == http.StatusTooManyRequests {
 		w.Header().Set("Retry-After", "1")
+		s.overload.add("refused")
 	}
 	writeJSON(w, e.Status, e.body())
 }
@@ -201,16 +239,31 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_, _ = w.Write(append(b, '\n'))
 }
 
-// readBody reads a bounded request body.
+// readBody reads a bounded request body. Under Serve the whole body must
+// arrive within the body timeout, or the connection is closed (a body
+// trickled a byte at a time would hold it forever); once the body is in,
+// the connection is busy (not evictable) until the response is done.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, *APIError) {
+	if h, ok := r.Context().Value(connKey{}).(connHandle); ok {
+		// A timer, not a read deadline: the server's own reads of this
+		// connection (it watches for the client leaving) keep their deadlines.
+		t := time.AfterFunc(h.bodyTimeout, func() { h.conn.Close() })
+		defer t.Stop()
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			return nil, &APIError{Status: http.StatusRequestEntityTooLarge, Type: "BadRequestError", Message: fmt.Sprintf("request body exceeds %d bytes", maxBodyBytes)}
 		}
+		if errors.Is(err, net.ErrClosed) {
+			// Closed under us: the body timed out, or the connection was
+			// evicted at the cap. No one is left to answer; end quietly.
+			panic(http.ErrAbortHandler)
+		}
 		return nil, badRequest("", "read request body: %v", err)
 	}
+	markRequestRead(r.Context())
 	return body, nil
 }
 

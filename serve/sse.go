@@ -11,8 +11,9 @@ import (
 // quietly, like a cancelled context.
 var errClientGone = errors.New("client connection gone")
 
-// sseWriter writes server-sent events. Headers go out with the first event,
-// so an error before any token still gets a real HTTP status.
+// sseWriter writes server-sent events. The handlers open the stream (send
+// its headers) when the request is admitted; an error before that gets a
+// real HTTP status, one after it an error event.
 type sseWriter struct {
 	w       http.ResponseWriter
 	rc      *http.ResponseController
@@ -34,6 +35,17 @@ func (s *sseWriter) start() {
 	h.Set("Connection", "keep-alive")
 	h.Set("X-Accel-Buffering", "no")
 	s.w.WriteHeader(http.StatusOK)
+}
+
+// open sends the stream's headers now: a request that waits in the queue
+// has its response started, so a client's header timeout measures the
+// server's admission, not its scheduling.
+func (s *sseWriter) open() error {
+	s.start()
+	if err := s.rc.Flush(); err != nil {
+		return fmt.Errorf("%w: flush headers: %v", errClientGone, err)
+	}
+	return nil
 }
 
 // send writes one `data:` event and flushes it to the client.

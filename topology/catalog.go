@@ -68,7 +68,9 @@ var catalog = []GPUSpec{
 		MemoryBytes: 81559 * mib, HBMGBps: 2000, BF16TFLOPS: 756, FP8TFLOPS: 1513,
 		NVLinkGBps: 300, PCIeGBps: 64, DefaultInterconnect: InterconnectPCIe, Efficiency: nvidiaEff},
 	{Name: "H200", Aliases: []string{"H200-141G", "H200-SXM", "H200-141GB"},
-		MemoryBytes: 143771 * mib, HBMGBps: 4800, BF16TFLOPS: 989, FP8TFLOPS: 1979,
+		// cuMemGetInfo's total (nvidia-smi says 143771 MiB): the engine's
+		// --gpu-memory-utilization budget is a fraction of it.
+		MemoryBytes: 150109880320, HBMGBps: 4800, BF16TFLOPS: 989, FP8TFLOPS: 1979,
 		NVLinkGBps: 450, PCIeGBps: 64, DefaultInterconnect: InterconnectNVLink, Efficiency: nvidiaEff},
 	{Name: "A100-40G", Aliases: []string{"A100-SXM-40G", "A100-40GB"},
 		MemoryBytes: 40960 * mib, HBMGBps: 1555, BF16TFLOPS: 312, FP8TFLOPS: 0,

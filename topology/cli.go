@@ -14,6 +14,8 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/glmtopo/glmtopo/model"
+
+	"github.com/glmtopo/glmtopo/internal/cliflag"
 )
 
 // ErrInfeasible is returned by RunPlan after it wrote a plan that does not
@@ -31,7 +33,7 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		maxLen      = fs.Int("max-model-len", 8192, "longest sequence (prompt + output) in tokens")
 		maxSeqs     = fs.Int("max-num-seqs", 32, "concurrent sequences; the KV cache must hold max-num-seqs × max-model-len tokens")
 		batched     = fs.Int("max-num-batched-tokens", 8192, "tokens per forward pass (prefill chunk; sizes activations)")
-		kvDType     = fs.String("kv-cache-dtype", "auto", "KV cache dtype: auto (bf16) or fp8")
+		kvDType     = fs.String("kv-cache-dtype", "auto", "KV cache dtype: auto (bf16), bf16, fp8 or fp8_e4m3")
 		util        = fs.Float64("gpu-memory-utilization", 0.9, "fraction of each GPU's memory the engine may use")
 		reserveGiB  = fs.Float64("runtime-reserve-gib", 2, "per-GPU memory for CUDA context, cuBLAS/NCCL workspaces and graphs")
 		loadPath    = fs.String("expert-load", "", "YAML/JSON of per-layer per-expert token counts (layers: {L: [...]})")
@@ -39,19 +41,21 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		epMode      = fs.String("expert-parallel", "auto", "routed experts: auto, on (always EP), off (always TP)")
 		acceptance  = fs.Float64("mtp-acceptance", 0.9, "MTP draft acceptance rate")
 		specTokens  = fs.Int("num-speculative-tokens", 1, "MTP draft tokens per step (0 disables MTP)")
+		stepRatio   = fs.Float64("mtp-step-ratio", 0, "measured speculative step time over plain decode ('glmtopo bench step --speculative-tokens': full_depth_step_ratio); 0: modelled")
 		inputLen    = fs.Int("input-len", 1024, "prompt length for the TTFT and decode-context predictions")
 		outputLen   = fs.Int("output-len", 1024, "output length for the decode-context prediction")
 		calPath     = fs.String("calibration", "", "calibration file written by 'glmtopo bench' (efficiency overrides)")
 		output      = fs.String("output", "table", "output format: table, json, yaml or svg")
 		outPath     = fs.String("out", "", "write the output to FILE instead of stdout")
 		alternative = fs.Int("alternatives", 4, "number of alternative configurations to list")
+		overrides   = fs.String("hf-overrides", "", `JSON object merged into the model's config, e.g. '{"num_hidden_layers": 30}' (as serve's)`)
 	)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: glmtopo plan --model NAME|DIR (--hosts SPEC | --inventory FILE) [flags]")
 		fmt.Fprintln(stderr, "Plans fit, placement and predicted throughput of a GLM-4.5-class model on a set of hosts.")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := cliflag.Parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
@@ -84,6 +88,11 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return fmt.Errorf("plan: %w", err)
 	}
+	if *overrides != "" {
+		if cfg, err = cfg.WithOverrides(*overrides); err != nil {
+			return fmt.Errorf("plan: --hf-overrides: %w", err)
+		}
+	}
 	var inv Inventory
 	if *hosts != "" {
 		inv, err = ParseHosts(*hosts)
@@ -98,7 +107,7 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		MaxModelLen: *maxLen, MaxNumSeqs: *maxSeqs, MaxNumBatchedTokens: *batched,
 		KVCacheDType: *kvDType, GPUMemoryUtil: *util, RuntimeReserve: int64(*reserveGiB * (1 << 30)),
 		RedundantExperts: *redundant, ExpertParallel: *epMode,
-		DisableMTP: *specTokens == 0, SpeculativeTokens: *specTokens, MTPAcceptance: *acceptance,
+		DisableMTP: *specTokens == 0, SpeculativeTokens: *specTokens, MTPAcceptance: *acceptance, MTPStepRatio: *stepRatio,
 		InputLen: *inputLen, OutputLen: *outputLen, MaxAlternatives: *alternative,
 	}
 	if *acceptance == 0 {

@@ -210,27 +210,14 @@ func (p *planner) hopCost(a, b stageShape, T float64) float64 {
 }
 
 // activationBytes is the peak activation memory of one GPU for a forward of
-// max-num-batched-tokens tokens: residual stream, the widest intermediate
-// (attention projections, dense MLP or fused-MoE caches), and on the last
-// stage fp32 logits and sampler buffers.
+// max-num-batched-tokens tokens (memplan.go's ActivationBytes, which the
+// engine's profiled step is compared with).
 func (p *planner) activationBytes(sh stageShape, tail bool) int64 {
-	c := p.cfg
-	T := float64(p.req.MaxNumBatchedTokens)
-	n := float64(sh.n)
-	H := float64(c.HiddenSize)
-	residual := T * H * 2 * 4
-	attn := T * (2*float64(c.QDim()) + 2*float64(c.KVDim())) / n * 2
-	dense := T * 3 * float64(c.IntermediateSize) / n * 2
-	mi := float64(c.MoEIntermediateSize) / n
-	tokens := T * float64(c.NumExpertsPerTok)
-	if sh.ep {
-		mi = float64(c.MoEIntermediateSize)
-		tokens = 2 * tokens / n // the busiest GPU, with headroom for skew
-	}
-	moe := tokens * (2*mi + H) * 2
-	act := residual + math.Max(attn, math.Max(dense, moe))
-	if tail {
-		act += float64(p.req.MaxNumSeqs*(1+p.spec)) * float64(c.VocabSize) * 4 * 2
-	}
-	return int64(act)
+	return ActivationBytes(p.cfg, StepShape{Tokens: p.req.MaxNumBatchedTokens, Seqs: p.req.MaxNumSeqs * (1 + p.spec),
+		GPUs: sh.n, EP: sh.ep, Head: tail, FP8: p.w.fp8})
+}
+
+// graphBytes is the decode graphs' memory on one GPU (memplan.go's GraphBytes).
+func (p *planner) graphBytes(tail bool) int64 {
+	return GraphBytes(p.cfg, min(p.req.MaxNumSeqs, 64), p.req.MaxModelLen, 16, tail)
 }

@@ -39,7 +39,7 @@ hosts:
 	if hw[0].nic.Name != "ib0" || !hw[0].nvlink || hw[1].nvlink || hw[1].gpu.Name != "H100-SXM-80G" {
 		t.Errorf("resolved %+v / %+v", hw[0], hw[1])
 	}
-	if hw[0].memory != 143771*mib {
+	if hw[0].memory != 150109880320 {
 		t.Errorf("H200 default memory = %d", hw[0].memory)
 	}
 

@@ -73,7 +73,7 @@ func TestMemoryMatchesTensorList(t *testing.T) {
 				if math.Abs(float64(m.KVRequired)-kv) > 1 {
 					t.Errorf("%s GPU %d: KV needed %d, want %.0f", m.Host, m.GPU, m.KVRequired, kv)
 				}
-				if m.Budget != int64(float64(m.Total)*0.9) || m.KVCache != m.Budget-m.WeightsTotal-m.Activations-m.Reserve ||
+				if m.Budget != int64(float64(m.Total)*0.9) || m.KVCache != m.Budget-m.WeightsTotal-m.Activations-m.Graphs-m.Reserve ||
 					m.Headroom != m.KVCache-m.KVRequired || m.Headroom < 0 {
 					t.Errorf("%s GPU %d: inconsistent accounting %+v", m.Host, m.GPU, m)
 				}

@@ -20,9 +20,10 @@ type PlanRequest struct {
 	MaxNumBatchedTokens int     // --max-num-batched-tokens, default 8192 (prefill chunk, activation peak)
 	KVCacheDType        string  // --kv-cache-dtype auto|fp8; auto stores the KV cache in bf16
 	GPUMemoryUtil       float64 // --gpu-memory-utilization, default 0.9
-	// RuntimeReserve is memory per GPU outside weights, KV and activations that
-	// still counts against the utilisation budget: CUDA context, cuBLAS and
-	// NCCL workspaces, CUDA graphs. 0 means the default 2 GiB; negative means none.
+	// RuntimeReserve is memory per GPU outside weights, KV, activations and
+	// decode graphs that still counts against the utilisation budget: CUDA
+	// context, kernel modules, cuBLAS and NCCL workspaces, headroom. 0 means
+	// the default 2 GiB; negative means none.
 	RuntimeReserve int64
 
 	// ExpertLoad is a routing histogram (--expert-load); nil means uniform.
@@ -41,6 +42,11 @@ type PlanRequest struct {
 	DisableMTP        bool
 	SpeculativeTokens int
 	MTPAcceptance     float64
+	// MTPStepRatio, when set, is a measured speculative step's time over the
+	// plain decode step's (`glmtopo bench step --speculative-tokens`, its
+	// full_depth_step_ratio): the plan's prediction with MTP is then its
+	// prediction without MTP × tokens per step / ratio (spec_ratio.go).
+	MTPStepRatio float64
 
 	// InputLen and OutputLen are the request shape predictions use
 	// (default 1024 and 1024, capped by MaxModelLen).
@@ -121,6 +127,7 @@ type GPUMemory struct {
 	KVCache      int64 `json:"kv_cache" yaml:"kv_cache"` // the KV pool: what is left of the budget
 	KVRequired   int64 `json:"kv_required" yaml:"kv_required"`
 	Activations  int64 `json:"activations" yaml:"activations"`
+	Graphs       int64 `json:"graphs" yaml:"graphs"` // decode graphs' arenas and metadata
 	Reserve      int64 `json:"reserve" yaml:"reserve"`
 	// Headroom is the budget left after the required KV cache (negative: over).
 	Headroom int64 `json:"headroom" yaml:"headroom"`
@@ -200,8 +207,11 @@ func (r PlanRequest) withDefaults() (PlanRequest, error) {
 	case r.RuntimeReserve < 0:
 		r.RuntimeReserve = 0
 	}
-	if r.KVCacheDType == "" {
+	switch r.KVCacheDType {
+	case "":
 		r.KVCacheDType = "auto"
+	case "fp8_e4m3": // vLLM's other name of the same cache
+		r.KVCacheDType = "fp8"
 	}
 	if r.ExpertParallel == "" {
 		r.ExpertParallel = "auto"
@@ -214,13 +224,15 @@ func (r PlanRequest) withDefaults() (PlanRequest, error) {
 	case r.GPUMemoryUtil <= 0 || r.GPUMemoryUtil > 1:
 		return r, fmt.Errorf("plan: gpu-memory-utilization %g is outside (0, 1]", r.GPUMemoryUtil)
 	case r.KVCacheDType != "auto" && r.KVCacheDType != "fp8" && r.KVCacheDType != "bf16":
-		return r, fmt.Errorf("plan: kv-cache-dtype %q is unknown (auto, bf16, fp8)", r.KVCacheDType)
+		return r, fmt.Errorf("plan: kv-cache-dtype %q is unknown (auto, bf16, fp8, fp8_e4m3)", r.KVCacheDType)
 	case r.ExpertParallel != "auto" && r.ExpertParallel != "on" && r.ExpertParallel != "off":
 		return r, fmt.Errorf("plan: expert-parallel %q is unknown (auto, on, off)", r.ExpertParallel)
 	case r.MTPAcceptance < 0 || r.MTPAcceptance > 1 || math.IsNaN(r.MTPAcceptance):
 		return r, fmt.Errorf("plan: mtp-acceptance %g is outside [0, 1]", r.MTPAcceptance)
 	case r.SpeculativeTokens < 0 || r.SpeculativeTokens > 8:
 		return r, fmt.Errorf("plan: speculative tokens %d is outside 0..8", r.SpeculativeTokens)
+	case r.MTPStepRatio < 0 || r.MTPStepRatio > 20 || math.IsNaN(r.MTPStepRatio):
+		return r, fmt.Errorf("plan: mtp-step-ratio %g is outside (0, 20] (0: modelled)", r.MTPStepRatio)
 	}
 	if !r.Model.HasMTP() {
 		r.DisableMTP = true

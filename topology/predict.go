@@ -19,15 +19,10 @@ func (p *planner) predictDecode(c *candidate, m int, b, T float64) {
 	for s, sh := range c.shapes {
 		sp := p.stagePrefix(sh, b, T)
 		t := sp.time[c.splits[s+1]] - sp.time[c.splits[s]]
-		if s == 0 {
-			t += sp.head.total()
+		if s == 0 { // the head stage: embedding, and lm_head + MTP drafts (distributed.md)
+			t += sp.head.total() + sp.tail.total()
 		}
-		if s == S-1 {
-			t += sp.tail.total()
-			t += p.hopCost(sh, c.shapes[0], 0) // sampled token ids back to the first stage
-		} else {
-			t += p.hopCost(sh, c.shapes[s+1], T)
-		}
+		t += p.ringHop(c, s, T)
 		times[s] = t
 		sum += t
 		worst = max(worst, t)
@@ -67,13 +62,9 @@ func (p *planner) finish(c *candidate) {
 		}
 		if s == 0 {
 			cs.add(p.headCost(sh, T))
-		}
-		if s == S-1 {
 			cs.add(p.tailCost(sh, T, b, ctx))
-			cs.hop = p.hopCost(sh, c.shapes[0], 0)
-		} else {
-			cs.hop = p.hopCost(sh, c.shapes[s+1], T)
 		}
+		cs.hop = p.ringHop(c, s, T)
 		c.costs[s] = cs
 	}
 	var kvTokens int64 = math.MaxInt64
@@ -130,7 +121,6 @@ func (p *planner) bottleneck(c *candidate, worst int) string {
 // pipeline, in max-num-batched-tokens chunks.
 func (p *planner) prefill(c *candidate) float64 {
 	chunk := min(p.req.InputLen, p.req.MaxNumBatchedTokens)
-	S := len(c.shapes)
 	L := p.cfg.NumHiddenLayers
 	var t float64
 	for start := 0; start < p.req.InputLen; start += chunk {
@@ -143,26 +133,36 @@ func (p *planner) prefill(c *candidate) float64 {
 			if s == 0 {
 				t += p.headCost(sh, T).total()
 			}
-			if s < S-1 {
-				t += p.hopCost(sh, c.shapes[s+1], T)
-				continue
-			}
-			hw := &p.hosts[sh.host]
-			lm := cost{weights: float64(p.w.top[wLMHead]) / float64(sh.n) / p.hbm(hw),
-				overhead: kernelsLM * hw.eff.KernelOverheadUS * 1e-6}
-			t += lm.total()
-			if !p.req.DisableMTP {
-				t += p.layerCost(sh, L, T, 1, ctx).total()
-			}
+			t += p.ringHop(c, s, T)
+		}
+		// Back at the head: lm_head and the MTP layer.
+		sh := c.shapes[0]
+		hw := &p.hosts[sh.host]
+		lm := cost{weights: float64(p.w.top[wLMHead]) / float64(sh.n) / p.hbm(hw),
+			overhead: kernelsLM * hw.eff.KernelOverheadUS * 1e-6}
+		t += lm.total()
+		if !p.req.DisableMTP {
+			t += p.layerCost(sh, L, T, 1, ctx).total()
 		}
 	}
 	return t
 }
 
+// ringHop is stage s's send of T rows to the next stage; the last stage
+// sends the final hidden rows back to the head (one stage: nothing moves but
+// the sampled ids, modelled as an empty hop).
+func (p *planner) ringHop(c *candidate, s int, T float64) float64 {
+	S := len(c.shapes)
+	if S == 1 {
+		return p.hopCost(c.shapes[0], c.shapes[0], 0)
+	}
+	return p.hopCost(c.shapes[s], c.shapes[(s+1)%S], T)
+}
+
 // stageKVPerToken is the KV bytes per token on one GPU of stage s.
 func (p *planner) stageKVPerToken(c *candidate, s int) int64 {
 	layers := c.splits[s+1] - c.splits[s]
-	if s == len(c.shapes)-1 && !p.req.DisableMTP {
+	if s == 0 && !p.req.DisableMTP { // the MTP layer's KV lives on the head
 		layers++
 	}
 	return int64(layers) * p.w.kvBytesPerToken(c.shapes[s].n, p.kvElem)
@@ -172,8 +172,7 @@ func (p *planner) stageKVPerToken(c *candidate, s int) int64 {
 func (p *planner) stageMemory(c *candidate, s int) []GPUMemory {
 	sh := c.shapes[s]
 	hw := &p.hosts[sh.host]
-	S := len(c.shapes)
-	tail := s == S-1
+	tail := s == 0 // the head stage holds lm_head, the final norm and the MTP layer
 	L := p.cfg.NumHiddenLayers
 	layers := make([]int, 0, c.splits[s+1]-c.splits[s]+1)
 	for l := c.splits[s]; l < c.splits[s+1]; l++ {
@@ -184,7 +183,7 @@ func (p *planner) stageMemory(c *candidate, s int) []GPUMemory {
 	}
 	kvTok := p.stageKVPerToken(c, s)
 	act := p.activationBytes(sh, tail)
-	budget := int64(float64(hw.memory) * p.req.GPUMemoryUtil)
+	graphs := p.graphBytes(tail)
 	out := make([]GPUMemory, sh.n)
 	for g := 0; g < sh.n; g++ {
 		var kinds [numWeightKinds]int64
@@ -209,10 +208,14 @@ func (p *planner) stageMemory(c *candidate, s int) []GPUMemory {
 			}
 		}
 		wt := sumKinds(kinds)
-		pool := budget - wt - act - p.req.RuntimeReserve
+		// The engine's sizing arithmetic (MemoryPlan), unrounded to blocks
+		// so that an overfull GPU shows by how much.
+		mp := MemoryPlan{Total: hw.memory, Utilization: p.req.GPUMemoryUtil, Weights: wt, Activations: act,
+			Graphs: graphs, Runtime: p.req.RuntimeReserve}
+		pool := mp.Budget() - mp.NonKV()
 		need := int64(p.needTokens) * kvTok
-		out[g] = GPUMemory{Host: hw.host.Name, GPU: c.offsets[s] + g, Stage: s, Total: hw.memory, Budget: budget,
-			Weights: byKind, WeightsTotal: wt, KVCache: pool, KVRequired: need, Activations: act,
+		out[g] = GPUMemory{Host: hw.host.Name, GPU: c.offsets[s] + g, Stage: s, Total: hw.memory, Budget: mp.Budget(),
+			Weights: byKind, WeightsTotal: wt, KVCache: pool, KVRequired: need, Activations: act, Graphs: graphs,
 			Reserve: p.req.RuntimeReserve, Headroom: pool - need}
 	}
 	return out
@@ -237,7 +240,7 @@ func (p *planner) stages(c *candidate) []Stage {
 		}
 		out[s] = Stage{Index: s, Host: p.hosts[sh.host].host.Name, GPUs: gpus,
 			Layers: [2]int{c.splits[s], c.splits[s+1]}, TP: sh.n, EP: ep,
-			Embedding: s == 0, LMHead: s == S-1, MTP: s == S-1 && !p.req.DisableMTP, DecodeMs: ms}
+			Embedding: s == 0, LMHead: s == 0, MTP: s == 0 && !p.req.DisableMTP, DecodeMs: ms}
 	}
 	return out
 }

@@ -36,10 +36,10 @@ func (r *PlanResult) WriteTable(w io.Writer) error {
 		tw.Flush()
 		b.WriteString("\nmemory per GPU (GiB):\n")
 		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "HOST\tGPUS\tSTAGE\tWEIGHTS\tKV NEEDED\tKV POOL\tACTIV.\tRESERVE\tBUDGET\tHEADROOM\t")
+		fmt.Fprintln(tw, "HOST\tGPUS\tSTAGE\tWEIGHTS\tKV NEEDED\tKV POOL\tACTIV.\tGRAPHS\tRESERVE\tBUDGET\tHEADROOM\t")
 		for _, g := range groupMemory(r.Memory) {
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%+.1f\t\n", g.m.Host, g.gpus, g.m.Stage,
-				gib(g.m.WeightsTotal), gib(g.m.KVRequired), gib(g.m.KVCache), gib(g.m.Activations), gib(g.m.Reserve),
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%+.1f\t\n", g.m.Host, g.gpus, g.m.Stage,
+				gib(g.m.WeightsTotal), gib(g.m.KVRequired), gib(g.m.KVCache), gib(g.m.Activations), gib(g.m.Graphs), gib(g.m.Reserve),
 				gib(g.m.Budget), gib(g.m.Headroom))
 		}
 		tw.Flush()

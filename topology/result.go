@@ -68,6 +68,7 @@ func planWith(req PlanRequest, w *modelWeights) (*PlanResult, error) {
 	p.finish(best)
 	if !req.DisableMTP {
 		best.pred.NoMTPDecodeTokensPerS = p.withoutMTP(best)
+		best.pred.applyStepRatio(req.MTPStepRatio, p.tau, req.MaxNumSeqs) // spec_ratio.go
 	}
 	res.Feasible = true
 	res.Stages = p.stages(best)
@@ -83,9 +84,9 @@ func planWith(req PlanRequest, w *modelWeights) (*PlanResult, error) {
 			fullest = &res.Memory[i]
 		}
 	}
-	res.Reason = fmt.Sprintf("fits: %s; the fullest GPU (%s GPU %d) has %.1f GiB of its %.1f GiB budget left after weights %.1f GiB, KV %.1f GiB (%d×%d tokens), activations %.1f GiB and reserve %.1f GiB",
+	res.Reason = fmt.Sprintf("fits: %s; the fullest GPU (%s GPU %d) has %.1f GiB of its %.1f GiB budget left after weights %.1f GiB, KV %.1f GiB (%d×%d tokens), activations %.1f GiB, decode graphs %.1f GiB and reserve %.1f GiB",
 		p.describe(best), fullest.Host, fullest.GPU, gib(fullest.Headroom), gib(fullest.Budget), gib(fullest.WeightsTotal),
-		gib(fullest.KVRequired), req.MaxNumSeqs, req.MaxModelLen, gib(fullest.Activations), gib(fullest.Reserve))
+		gib(fullest.KVRequired), req.MaxNumSeqs, req.MaxModelLen, gib(fullest.Activations), gib(fullest.Graphs), gib(fullest.Reserve))
 	res.Experts = append(res.Experts, p.experts(best)...)
 	for _, c := range feasible[1:] {
 		if len(res.Alternatives) >= req.MaxAlternatives {
@@ -182,9 +183,9 @@ func (p *planner) explainInfeasible(res *PlanResult, closest []*candidate, inval
 	for _, h := range p.hosts {
 		usable += float64(h.memory) * float64(h.host.GPUs) * req.GPUMemoryUtil
 	}
-	res.Reason = fmt.Sprintf("%s: the closest split (%s) is %.1f GiB over on %s GPU %d (weights %.1f + KV %.1f + activations %.1f + reserve %.1f GiB > budget %.1f GiB at --gpu-memory-utilization %g); all GPUs together offer %.1f GiB",
+	res.Reason = fmt.Sprintf("%s: the closest split (%s) is %.1f GiB over on %s GPU %d (weights %.1f + KV %.1f + activations %.1f + graphs %.1f + reserve %.1f GiB > budget %.1f GiB at --gpu-memory-utilization %g); all GPUs together offer %.1f GiB",
 		what, p.describe(c), gib(-worst.Headroom), worst.Host, worst.GPU, gib(worst.WeightsTotal), gib(worst.KVRequired),
-		gib(worst.Activations), gib(worst.Reserve), gib(worst.Budget), req.GPUMemoryUtil, usable/(1<<30))
+		gib(worst.Activations), gib(worst.Graphs), gib(worst.Reserve), gib(worst.Budget), req.GPUMemoryUtil, usable/(1<<30))
 	if req.noSuggestions {
 		return
 	}

@@ -144,11 +144,11 @@ type stagePrefix struct {
 	time []float64 // decode seconds
 	mem  []float64 // weight bytes on the fullest GPU + required KV bytes
 	head cost      // embedding
-	tail cost      // lm_head and MTP drafts
+	tail cost      // lm_head and MTP drafts (on the head stage, stage 0)
 	// headMem, tailMem: embedding; lm_head, final norm and the MTP layer (weights + KV).
 	headMem, tailMem float64
 	budget           float64 // utilisation budget minus reserve and activations (non-tail)
-	tailAct          float64 // extra activation memory on the tail stage
+	tailAct          float64 // extra activation memory of lm_head and MTP (the head stage)
 }
 
 type prefixKey struct {
@@ -182,8 +182,8 @@ func (p *planner) stagePrefix(sh stageShape, b, T float64) *stagePrefix {
 	if !p.req.DisableMTP {
 		sp.tailMem += float64(p.layerMaxBytes(sh, L)) + p.needTokens*kvTok
 	}
-	act := p.activationBytes(sh, false)
-	sp.tailAct = float64(p.activationBytes(sh, true) - act)
+	act := p.activationBytes(sh, false) + p.graphBytes(false)
+	sp.tailAct = float64(p.activationBytes(sh, true) + p.graphBytes(true) - act)
 	sp.budget = float64(hw.memory)*p.req.GPUMemoryUtil - float64(p.req.RuntimeReserve) - float64(act)
 	p.prefix[key] = sp
 	return sp
@@ -238,7 +238,7 @@ func (p *planner) splitLayers(shapes []stageShape, pre []*stagePrefix, byMemory 
 			mem += sp.headMem
 			t += sp.head.total()
 		}
-		if s == S-1 {
+		if s == 0 { // the head stage also holds lm_head and the MTP layer (distributed.md)
 			mem += sp.tailMem
 			budget -= sp.tailAct
 			t += sp.tail.total()

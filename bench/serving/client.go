@@ -147,6 +147,7 @@ func (cl *client) stream(br *bufio.Reader, out *Outcome, expected int) {
 		last    = out.Start
 		usage   bool
 		usedOut int
+		event   time.Time // the last data event
 	)
 	if cl.keepText {
 		text = make([]byte, 0, expected*4)
@@ -180,6 +181,7 @@ func (cl *client) stream(br *bufio.Reader, out *Outcome, expected int) {
 			break
 		}
 		if len(payload) > 0 {
+			event = now
 			if perr := parseChunk(payload, &c); perr != nil {
 				out.Err = fmt.Sprintf("stream: %v: %.200s", perr, payload)
 				break
@@ -216,6 +218,19 @@ func (cl *client) stream(br *bufio.Reader, out *Outcome, expected int) {
 		}
 	}
 	if out.Err != "" {
+		return
+	}
+	if out.Chunks == 0 && usage && usedOut > 0 {
+		// Tokens were generated but decode to no text (a lone special or partial
+		// character): the usage chunk counts them, and the stream's last event
+		// is when they arrived.
+		out.Success = true
+		out.TTFT = event.Sub(out.Start)
+		out.Latency = out.TTFT
+		out.OutputTokens = usedOut
+		if out.ServerPromptTokens > 0 {
+			out.PromptLen = out.ServerPromptTokens
+		}
 		return
 	}
 	if out.Chunks == 0 {

@@ -9,6 +9,8 @@ import (
 	"net"
 	"strconv"
 	"strings"
+
+	"github.com/glmtopo/glmtopo/internal/cliflag"
 )
 
 // Options are the command-line settings that are not part of Config itself.
@@ -64,7 +66,7 @@ func ParseFlags(args []string, stderr io.Writer, getenv func(string) string) (Op
 	fs.StringVar(&c.PlotPath, "plot", "", "write latency CDFs and tokens/s over time to FILE.png or FILE.svg")
 	fs.BoolVar(&c.DisableTQDM, "disable-tqdm", false, "no progress bar")
 
-	if err := fs.Parse(joinMultiValue(args, "goodput")); err != nil {
+	if err := cliflag.Parse(fs, joinMultiValue(args, "goodput")); err != nil {
 		return o, err
 	}
 	if fs.NArg() > 0 {

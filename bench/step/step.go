@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -19,6 +18,8 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/model"
+
+	"github.com/glmtopo/glmtopo/internal/cliflag"
 )
 
 // Options are the command's flags.
@@ -44,6 +45,9 @@ type Options struct {
 	LoadFormat string
 	Profile    bool
 	Graph      bool
+	// SpecTokens, when positive, also times the MTP speculative step with
+	// that many drafts (spec.go).
+	SpecTokens int
 	// CalibrationOut, when set, receives the measured HBM and GEMM efficiencies
 	// for `glmtopo plan --calibration` (merged into an existing file).
 	CalibrationOut string
@@ -65,6 +69,8 @@ type Report struct {
 	Results       []Result `json:"results"`
 	CommandLine   string   `json:"command_line"`
 	ElapsedSecond float64  `json:"elapsed_s"`
+
+	Speculative []SpecResult `json:"speculative,omitempty"` // --speculative-tokens (spec.go)
 }
 
 // Result is one timed phase.
@@ -118,7 +124,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&o.JSON, "json", false, "print a JSON report instead of a table")
 	fs.IntVar(&o.Device, "device", 0, "CUDA device ordinal")
 	fs.IntVar(&o.BlockSize, "block-size", 16, "KV cache block size (tokens)")
-	fs.StringVar(&o.KVDType, "kv-cache-dtype", "bf16", "KV cache dtype: bf16 or f32")
+	fs.StringVar(&o.KVDType, "kv-cache-dtype", "bf16", "KV cache dtype: bf16, f32, or fp8 (fp8_e4m3)")
 	fs.BoolVar(&o.FastGemm, "fast-gemm", true, "round activations to bf16 once in cuBLAS GEMMs, as vLLM and SGLang run (false: two bf16 halves, ~f32 accuracy, twice the FLOPs)")
 	fs.BoolVar(&o.NoFlash, "no-flash-attention", false, "run bf16-cache prefill attention per q head (the kernel before attention_flash)")
 	fs.BoolVar(&o.BlockGemv, "block-gemv", false, "run narrow-batch GEMVs on the block tensor-core kernels (before the streamed ones)")
@@ -129,9 +135,13 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.LoadFormat, "load-format", "dummy", "weights: dummy (random, made on the GPU)")
 	fs.BoolVar(&o.Profile, "profile", false, "also time every operation of one step of each phase (to stderr)")
 	fs.BoolVar(&o.Graph, "cuda-graph", true, "also time decode steps replayed from a captured CUDA graph")
+	fs.IntVar(&o.SpecTokens, "speculative-tokens", 0, "also time the MTP speculative step with N drafts (1..4): verify and draft beside decode, tokens/s at acceptance 0.6/0.8/0.9")
 	fs.StringVar(&o.CalibrationOut, "calibration-out", "", "write the efficiencies the engine achieved to this calibration file (for glmtopo plan --calibration)")
-	if err := fs.Parse(args); err != nil {
+	if err := cliflag.Parse(fs, args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench step: unexpected arguments %q", fs.Args())
 	}
 	var err error
 	if o.Batches, err = parseInts(batches); err != nil {
@@ -139,6 +149,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if o.LoadFormat != "dummy" {
 		return fmt.Errorf("bench step: --load-format %q: only dummy is supported", o.LoadFormat)
+	}
+	if o.SpecTokens < 0 || o.SpecTokens > 4 {
+		return fmt.Errorf("bench step: --speculative-tokens %d: want 0 (off) to 4", o.SpecTokens)
 	}
 	if o.Layers <= 0 || o.Context < 0 || o.Prefill < 0 || o.Iters <= 0 || o.BlockSize <= 0 {
 		return fmt.Errorf("bench step: --layers, --iters and --block-size must be positive, --context and --prefill not negative")
@@ -154,6 +167,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return enc.Encode(rep)
 	}
 	printTable(stdout, rep)
+	printSpecTable(stdout, rep)
 	return nil
 }
 
@@ -200,6 +214,9 @@ type bench struct {
 	prof   *profiler
 	// graphTemps live as long as a captured graph.
 	graphTemps []*kernels.Tensor
+	// The MTP layer's cache and the uncut model's depth (spec.go).
+	mtpCache   *kernels.KVCache
+	fullLayers int
 }
 
 // profile runs one step of bt through the per-operation profiler.
@@ -264,8 +281,9 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 		return nil, fmt.Errorf("gemm throughput: %w", err)
 	}
 	fmt.Fprintf(log, "bench step: making %d layers of %s weights on the GPU\n", cfg.NumHiddenLayers, o.Model)
-	// Every layer, the embedding, final norm and lm_head; no MTP layer.
-	w, freeWeights, err := model.DummyWeights(cfg, model.Selection{EndLayer: cfg.NumHiddenLayers, Embedding: true, LMHead: true}, be, 0)
+	// Every layer, the embedding, final norm and lm_head; the MTP layer with --speculative-tokens.
+	w, freeWeights, err := model.DummyWeights(cfg, model.Selection{EndLayer: cfg.NumHiddenLayers, Embedding: true, LMHead: true,
+		MTP: o.SpecTokens > 0 && cfg.HasMTP()}, be, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -298,6 +316,9 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 		rep.Results = append(rep.Results, r)
 		fmt.Fprintf(log, "bench step: decode batch %d: %.3f ms (floor %.3f ms)\n", B, r.StepSeconds*1e3, r.BytesFloor*1e3)
 	}
+	if err := b.runSpec(rep, log); err != nil { // spec.go
+		return nil, err
+	}
 	if o.Prefill > 0 {
 		r, err := b.prefill(o.Prefill)
 		if err != nil {
@@ -329,13 +350,9 @@ func (b *bench) makeCaches() error {
 	}
 	bs := b.o.BlockSize
 	blocks := max(maxB*((b.o.Context+1+bs-1)/bs), (b.o.Prefill+bs-1)/bs)
-	dt := kernels.BF16
-	switch b.o.KVDType {
-	case "bf16":
-	case "f32":
-		dt = kernels.F32
-	default:
-		return fmt.Errorf("--kv-cache-dtype %q: want bf16 or f32", b.o.KVDType)
+	dt, err := kernels.ParseKVCacheDType(b.o.KVDType, kernels.BF16)
+	if err != nil {
+		return err
 	}
 	b.kvElem = dt.Size()
 	need := int64(c.NumHiddenLayers) * 2 * int64(blocks*bs) * int64(c.KVDim()) * int64(dt.Size())
@@ -408,60 +425,33 @@ func (b *bench) step(bt *kernels.Batch, lastRows []int) (*model.Forward, error) 
 			return f, err
 		}
 	}
-	sel := h
-	if len(lastRows) != len(ids) {
-		if sel, err = f.Gather(h, lastRows); err != nil {
-			return f, err
+	rows := lastRows
+	if len(lastRows) == len(ids) {
+		rows = nil
+	}
+	return f, b.headArgmax(f, h, rows, b.w.FinalNorm, b.w.LMHead)
+}
+
+// headArgmax gathers rows of x (nil: every row), runs a head (norm, then
+// the vocabulary projection) on them and an argmax over its logits, as a
+// step's greedy sampling does.
+func (b *bench) headArgmax(f *model.Forward, x *kernels.Tensor, rows []int, norm, head *kernels.Tensor) error {
+	var err error
+	if rows != nil {
+		if x, err = f.Gather(x, rows); err != nil {
+			return err
 		}
 	}
-	_, logits, err := f.Head(sel, b.w.FinalNorm, b.w.LMHead)
+	_, logits, err := f.Head(x, norm, head)
 	if err != nil {
-		return f, err
+		return err
 	}
 	out, err := b.be.NewTensor(kernels.I32, logits.Rows())
 	if err != nil {
-		return f, err
+		return err
 	}
 	defer b.be.Free(out)
-	return f, b.be.Argmax(out, logits)
-}
-
-// timeSteps runs warmup + iters steps and returns the median device and wall times.
-func (b *bench) timeSteps(bt *kernels.Batch, lastRows []int, warmup, iters int) (float64, float64, error) {
-	tm, err := b.be.NewTimer()
-	if err != nil {
-		return 0, 0, err
-	}
-	defer tm.Close()
-	var dev, wall []float64
-	for i := 0; i < warmup+iters; i++ {
-		t0 := time.Now()
-		if err := tm.Start(); err != nil {
-			return 0, 0, err
-		}
-		f, err := b.step(bt, lastRows)
-		if err == nil {
-			err = tm.Stop()
-		}
-		var s float64
-		if err == nil {
-			s, err = tm.Seconds()
-		}
-		if err == nil {
-			err = b.be.Sync()
-		}
-		if f != nil {
-			f.Release()
-		}
-		if err != nil {
-			return 0, 0, err
-		}
-		if i >= warmup {
-			dev = append(dev, s)
-			wall = append(wall, time.Since(t0).Seconds())
-		}
-	}
-	return median(dev), median(wall), nil
+	return b.be.Argmax(out, logits)
 }
 
 // graphStep issues one decode step with no host traffic (embedding from
@@ -553,11 +543,6 @@ func (b *bench) timeGraph(bt *kernels.Batch, iters int) (float64, error) {
 		return 0, err
 	}
 	return sec, be.Sync()
-}
-
-func median(v []float64) float64 {
-	s := slices.Sorted(slices.Values(v))
-	return s[len(s)/2]
 }
 
 // touched runs one untimed step and counts, per MoE layer, the distinct experts routed to.

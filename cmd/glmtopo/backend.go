@@ -6,9 +6,13 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/shirou/gopsutil/v4/mem"
+
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/kernels/cpu"
 	"github.com/glmtopo/glmtopo/kernels/cuda"
+	"github.com/glmtopo/glmtopo/model"
+	"github.com/glmtopo/glmtopo/parallel"
 )
 
 // backendFlags are the flags of the commands that run the model.
@@ -47,4 +51,22 @@ func (f backendFlags) open() (kernels.Backend, kernels.DType, error) {
 		return be, kernels.BF16, nil
 	}
 	return nil, 0, fmt.Errorf("--device %q: want cpu, cuda or cuda:N", device)
+}
+
+// checkHostMemory refuses, before anything is allocated, a model whose
+// weights cannot fit this host's memory on a backend without a memory check
+// of its own (the CPU; GPU backends check their device's memory).
+func checkHostMemory(be kernels.Backend, src parallel.ModelSource) error {
+	if _, ok := be.(kernels.MemoryManager); ok {
+		return nil
+	}
+	cfg, err := src.Config()
+	if err != nil {
+		return err
+	}
+	vm, err := mem.VirtualMemory()
+	if err != nil {
+		return nil // unknown: the load itself will tell
+	}
+	return model.CheckHostMemory(cfg, int64(vm.Available))
 }

@@ -19,6 +19,8 @@ import (
 	"github.com/glmtopo/glmtopo/bench"
 	"github.com/glmtopo/glmtopo/bench/step"
 	"github.com/glmtopo/glmtopo/node"
+
+	"github.com/glmtopo/glmtopo/internal/cliflag"
 )
 
 // command is one subcommand: args exclude the command's own name.
@@ -29,7 +31,7 @@ type command struct {
 
 func commands() map[string]command {
 	return map[string]command{
-		"generate":         {"generate tokens from a checkpoint on the CPU engine", runGenerate},
+		"generate":         {"generate tokens from a checkpoint (CPU or CUDA engine)", runGenerate},
 		"model inspect":    {"print a model's architecture, parameters and bytes by dtype", runModelInspect},
 		"model synth":      {"write a random-weight checkpoint in the published layout", runModelSynth},
 		"node":             {"run the cluster daemon on this host", runNode},
@@ -37,10 +39,12 @@ func commands() map[string]command {
 		"node cluster-key": {"create a cluster key file (the private-network key hosts share)", node.RunClusterKey},
 		"status":           {"show a daemon's cluster: members, health, plan epoch", node.RunStatus},
 		"serve":            {"serve the OpenAI-compatible API (chat, completions, tools, reasoning)", runServe},
+		"stage":            {"run decoder layers of a pipeline whose head is serve --pipeline-head-layers", runStage},
 		"bench serve":      {"benchmark an OpenAI-compatible server like vllm bench serve", bench.RunServe},
 		"bench step":       {"time prefill and decode steps on a GPU against the HBM and GEMM roofline", step.Run},
+		"bench transport":  {"latency and bandwidth of the stage-to-stage links (TCP, NCCL) against raw TCP", runBenchTransport},
 		"plan":             {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
-		"version":          {"print the version", func(_ context.Context, _ []string, w, _ io.Writer) error { fmt.Fprintln(w, version); return nil }},
+		"version":          {"print the version", runVersion},
 	}
 }
 
@@ -67,28 +71,73 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	for n := min(2, len(args)); n >= 1; n-- {
 		name := strings.Join(args[:n], " ")
 		if c, ok := cmds[name]; ok {
-			err := c.run(ctx, args[n:], stdout, stderr)
-			switch {
-			case err == nil:
-				return 0
-			case errors.Is(err, flag.ErrHelp):
-				return 0
-			case errors.Is(err, errUsage):
-				return 2
-			case errors.Is(err, errSilentFailure):
-				return 1
-			}
-			fmt.Fprintf(stderr, "glmtopo %s: %v\n", name, err)
-			return 1
+			return exitCode(stderr, name, c.run(ctx, args[n:], stdout, stderr))
 		}
 	}
-	if len(args) > 0 && args[0] != "help" && args[0] != "-h" && args[0] != "--help" {
-		fmt.Fprintf(stderr, "glmtopo: unknown command %q\n\n", strings.Join(args, " "))
-		usage(stderr, cmds)
+	switch {
+	case len(args) == 0: // a command is required: usage on stderr, like go and git
+		usage(stderr, cmds, "")
 		return 2
+	case isHelp(args[0]):
+		usage(stdout, cmds, "")
+		return 0
+	case hasGroup(cmds, args[0]) && (len(args) == 1 || isHelp(args[1])):
+		// "glmtopo bench -h" lists the group's commands; "glmtopo bench" alone is a usage error.
+		if len(args) == 1 {
+			fmt.Fprintf(stderr, "glmtopo %s: a subcommand is required\n\n", args[0])
+			usage(stderr, cmds, args[0])
+			return 2
+		}
+		usage(stdout, cmds, args[0])
+		return 0
 	}
-	usage(stdout, cmds)
-	return 0
+	fmt.Fprintf(stderr, "glmtopo: unknown command %q\n\n", strings.Join(args, " "))
+	usage(stderr, cmds, "")
+	return 2
+}
+
+// exitCode reports a command's error once and maps it to an exit status.
+func exitCode(stderr io.Writer, name string, err error) int {
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
+	case errors.Is(err, errSilentFailure):
+		return 1
+	}
+	// Packages prefix their errors with their own name ("plan: ..."); say it once.
+	msg := err.Error()
+	for _, p := range []string{"glmtopo " + name + ": ", name + ": "} {
+		msg = strings.TrimPrefix(msg, p)
+	}
+	fmt.Fprintf(stderr, "glmtopo %s: %s\n", name, msg)
+	return 1
+}
+
+func isHelp(a string) bool { return a == "help" || a == "-h" || a == "--help" || a == "-help" }
+
+// hasGroup reports whether some command is "group sub".
+func hasGroup(cmds map[string]command, group string) bool {
+	for n := range cmds {
+		if strings.HasPrefix(n, group+" ") {
+			return true
+		}
+	}
+	return false
+}
+
+func runVersion(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("version", stderr)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "usage: glmtopo version")
+		return errUsage
+	}
+	fmt.Fprintln(stdout, version)
+	return nil
 }
 
 var (
@@ -96,11 +145,18 @@ var (
 	errSilentFailure = errors.New("failed (reported above)")
 )
 
-func usage(w io.Writer, cmds map[string]command) {
-	fmt.Fprintln(w, "usage: glmtopo <command> [flags]\n\ncommands:")
+// usage lists the commands, or with group set only that group's.
+func usage(w io.Writer, cmds map[string]command, group string) {
+	if group == "" {
+		fmt.Fprintln(w, "usage: glmtopo <command> [flags]\n\ncommands:")
+	} else {
+		fmt.Fprintf(w, "usage: glmtopo %s <command> [flags]\n\ncommands:\n", group)
+	}
 	var names []string
 	for n := range cmds {
-		names = append(names, n)
+		if group == "" || n == group || strings.HasPrefix(n, group+" ") {
+			names = append(names, n)
+		}
 	}
 	sort.Strings(names)
 	for _, n := range names {
@@ -118,7 +174,7 @@ func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 
 // parse parses flags and maps flag errors to errUsage (the message is already printed).
 func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
+	if err := cliflag.Parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
 		}

@@ -12,7 +12,7 @@ import (
 func runModelInspect(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("model inspect", stderr)
 	asJSON := fs.Bool("json", false, "print JSON")
-	fs.Usage = func() { fmt.Fprintln(stderr, "usage: glmtopo model inspect [--json] DIR|PRESET"); fs.PrintDefaults() }
+	fs.Usage = func() { fmt.Fprintln(stderr, "usage: glmtopo model inspect DIR|PRESET [--json]"); fs.PrintDefaults() }
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -47,6 +47,9 @@ func runModelSynth(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if *out == "" || fs.NArg() != 0 {
 		fmt.Fprintln(stderr, "usage: glmtopo model synth --preset NAME [--layers N] [--dtype bf16|fp8|fp8-block] [--seed S] --out DIR")
 		return errUsage
+	}
+	if *layers < 0 {
+		return fmt.Errorf("--layers %d: want a positive count, or 0 for the preset's", *layers)
 	}
 	cfg, err := model.Preset(*preset)
 	if err != nil {

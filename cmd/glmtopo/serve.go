@@ -16,7 +16,7 @@ import (
 	"github.com/glmtopo/glmtopo/serve/tokenizer"
 )
 
-// runServe serves the OpenAI API from the single-process CPU engine.
+// runServe serves the OpenAI API from a single-process engine (CPU or CUDA).
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("serve", stderr)
 	cfg := serve.DefaultConfig()
@@ -25,10 +25,15 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	tokDir := fs.String("tokenizer", "", "directory or tokenizer.json (default: the model directory; the tiny presets carry theirs)")
 	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights of the config's shapes, as vLLM's)")
 	overrides := fs.String("hf-overrides", "", `JSON object merged into config.json, e.g. '{"num_hidden_layers": 4}' (as vLLM's)`)
-	kvTokens := fs.Int("kv-cache-tokens", 0, "tokens the paged KV cache holds (default: max-model-len × 8)")
 	backend := addBackendFlags(fs)
-	batched := fs.Int("max-num-batched-tokens", 2048, "prompt tokens prefilled per engine step (chunked prefill budget)")
+	mem := addMemoryFlags(fs, 2048)
 	eager := fs.Bool("enforce-eager", false, "run every step kernel by kernel: no CUDA graphs for decode steps (as vLLM's --enforce-eager)")
+	spec := parallel.AddSpecFlags(fs)
+	pipe := addPipelineFlags(fs) // stage.go
+	maxConns := fs.Int("max-connections", 0, "client connections held at once; past it stalled ones are closed and new ones refused (default: the file limit less 256)")
+	allowLong := fs.Bool("allow-long-max-model-len", false, "allow --max-model-len above the model's max_position_embeddings (warns; as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)")
+	names := fs.Lookup("served-model-name")
+	names.DefValue, names.Usage = "", names.Usage+" (default: the --model folder's name)"
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -45,17 +50,25 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if !named { // like vLLM: clients address the model by the name it was served from
 		cfg.ServedModelNames = []string{filepath.Base(filepath.Clean(*dir))}
 	}
-	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
-	tok, err := loadTokenizer(*tokDir, src)
+	specCfg, err := spec.Config()
 	if err != nil {
 		return err
 	}
-	maxLen := cfg.MaxModelLen
-	if maxLen == 0 {
-		maxLen = 8192
+	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
+	modelCfg, err := src.Config()
+	if err != nil {
+		return err
 	}
-	if *kvTokens == 0 {
-		*kvTokens = maxLen * 8
+	warn, err := serve.CheckMaxModelLen(cfg.MaxModelLen, modelCfg.MaxPositionEmbeddings, *allowLong)
+	if err != nil {
+		return err
+	}
+	if warn != "" {
+		slog.Warn(warn)
+	}
+	tok, err := loadTokenizer(*tokDir, src)
+	if err != nil {
+		return err
 	}
 	slog.Info("loading model", "dir", *dir)
 	be, kv, err := backend.open()
@@ -63,19 +76,31 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer be.Close()
-	eng, closeEngine, err := parallel.Open(ctx, src, be, parallel.EngineOptions{MaxTokens: *kvTokens, KVDType: kv, EnforceEager: *eager}, progress(stderr, "load"))
+	if err := checkHostMemory(be, src); err != nil {
+		return err
+	}
+	opt := parallel.EngineOptions{EnforceEager: *eager, GraphMaxSeqs: specCfg.VerifyRows(64)}
+	if err := mem.apply(&opt, kv, cfg.MaxNumSeqs, cfg.MaxModelLen); err != nil {
+		return err
+	}
+	eng, closeEngine, err := pipe.open(ctx, src, be, opt, progress(stderr, "load"))
 	if err != nil {
 		return err
 	}
 	defer closeEngine()
+	if err := specCfg.CheckEngine(eng); err != nil {
+		return err
+	}
 	sched := parallel.NewScheduler(eng, parallel.SchedulerOptions{MaxNumSeqs: cfg.MaxNumSeqs, MaxWaiting: cfg.MaxWaiting,
-		MaxModelLen: cfg.MaxModelLen, PrefillTokens: *batched})
+		MaxModelLen: cfg.MaxModelLen, PrefillTokens: *mem.batched, Speculative: specCfg})
 	defer sched.Close()
 	srv, err := serve.NewServer(cfg, sched, tok, slog.Default())
 	if err != nil {
 		return err
 	}
-	slog.Info("serving", "addr", cfg.Addr(), "model", cfg.ServedModelNames, "max_model_len", srv.MaxModelLen(), "engine", eng.BE.Name())
+	srv.SetMaxConnections(*maxConns)
+	slog.Info("serving", "addr", cfg.Addr(), "model", cfg.ServedModelNames, "max_model_len", srv.MaxModelLen(), "engine", eng.BE.Name(),
+		"speculative_config", specCfg)
 	return srv.ListenAndServe(ctx)
 }
 

@@ -181,11 +181,7 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	if err != nil {
 		return err
 	}
-	kc, err := f32(cache.K, "k cache")
-	if err != nil {
-		return err
-	}
-	vc, err := f32(cache.V, "v cache")
+	kc, vc, err := kvViews(cache)
 	if err != nil {
 		return err
 	}
@@ -210,7 +206,7 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	}
 	invFreq := ropeInvFreq(rot, rope.Theta)
 	stride := cache.KVHeads * cache.HeadDim
-	slots := len(kc) / stride
+	slots := kc.n / stride
 	cos := make([]float32, rot/2)
 	sin := make([]float32, rot/2)
 	for t := 0; t < T; t++ {
@@ -237,8 +233,8 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 			}
 			applyRope(x, cos, sin)
 		}
-		copy(kc[slot*stride:(slot+1)*stride], ks[t*kvHeads*d:(t+1)*kvHeads*d])
-		copy(vc[slot*stride:(slot+1)*stride], vs[t*kvHeads*d:(t+1)*kvHeads*d])
+		kc.put(slot*stride, ks[t*kvHeads*d:(t+1)*kvHeads*d])
+		vc.put(slot*stride, vs[t*kvHeads*d:(t+1)*kvHeads*d])
 	}
 	return nil
 }
@@ -275,11 +271,7 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 	if err != nil {
 		return err
 	}
-	kc, err := f32(cache.K, "k cache")
-	if err != nil {
-		return err
-	}
-	vc, err := f32(cache.V, "v cache")
+	kc, vc, err := kvViews(cache)
 	if err != nil {
 		return err
 	}
@@ -294,6 +286,10 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 	batch := bm.b
 	b.parallelFor(T*p.Heads, 1, func(lo, hi int) {
 		var scores []float32
+		var kbuf, vbuf []float32 // an e4m3 cache's rows, decoded
+		if kc.fp8 != nil {
+			kbuf, vbuf = make([]float32, d), make([]float32, d)
+		}
 		for job := lo; job < hi; job++ {
 			t, h := job/p.Heads, job%p.Heads
 			seq := batch.SeqIndex[t]
@@ -308,7 +304,7 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 			maxs := float32(math.Inf(-1))
 			for pos := 0; pos < n; pos++ {
 				slot := int(table[pos/bs])*bs + pos%bs
-				s := dot(qv, kc[slot*stride+g*d:slot*stride+(g+1)*d]) * p.Scale
+				s := dot(qv, kc.row(slot*stride+g*d, d, kbuf)) * p.Scale
 				scores[pos] = s
 				maxs = max(maxs, s)
 			}
@@ -323,7 +319,7 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 			inv := float32(1 / sum)
 			for pos, e := range scores {
 				slot := int(table[pos/bs])*bs + pos%bs
-				vv := vc[slot*stride+g*d : slot*stride+(g+1)*d]
+				vv := vc.row(slot*stride+g*d, d, vbuf)
 				w := e * inv
 				for i := range ov {
 					ov[i] += w * vv[i]

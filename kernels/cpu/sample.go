@@ -137,6 +137,11 @@ func SampleRow(row []float32, p kernels.SampleParams) int {
 	return int(sortByLogit(all, row)[keep-1])
 }
 
+// SortByLogit is sortByLogit for other hosts of the sampler's order (the
+// speculative verifier in parallel): ids (ascending) by row[id] descending,
+// ties by id, in place or in a buffer it returns.
+func SortByLogit(ids []int32, row []float32) []int32 { return sortByLogit(ids, row) }
+
 // sortByLogit sorts ids (ascending) by row[id] descending, stably (ties keep
 // id order, as sort.SliceStable on the ids would), with an LSD radix sort
 // on the logits' bits mapped to descending unsigned keys.

@@ -34,6 +34,12 @@ func TestKernelsCompile(t *testing.T) {
 		{"attn_g12_d128", source("common.cuh", "attention.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},
 		{"attn_g3_d64_f32", source("common.cuh", "attention.cu"), []string{"ATT_G=3", "ATT_D=64", "KV_BF16=0"}},
 		{"flash_g12_d128", source("common.cuh", "attention.cu", "flash.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=1"}},
+		// e4m3 caches (--kv-cache-dtype fp8): GLM-4.5's geometry, and head dims of an odd count of 32s.
+		{"attn_g12_d128_fp8", source("common.cuh", "attention.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=0", "KV_FP8=1"}},
+		{"attn_g4_d96_fp8", source("common.cuh", "attention.cu"), []string{"ATT_G=4", "ATT_D=96", "KV_BF16=0", "KV_FP8=1"}},
+		{"attn_g20_d32_fp8", source("common.cuh", "attention.cu"), []string{"ATT_G=20", "ATT_D=32", "KV_BF16=0", "KV_FP8=1"}},
+		{"flash_g12_d128_fp8", source("common.cuh", "attention.cu", "flash.cu"), []string{"ATT_G=12", "ATT_D=128", "KV_BF16=0", "KV_FP8=1"}},
+		{"flash_g4_d96_fp8", source("common.cuh", "attention.cu", "flash.cu"), []string{"ATT_G=4", "ATT_D=96", "KV_BF16=0", "KV_FP8=1"}},
 	}
 	verbose := os.Getenv("GLMTOPO_PTXAS_VERBOSE") == "1"
 	spill := regexp.MustCompile(`(\d+) bytes spill stores`)

@@ -35,10 +35,28 @@ func TestNoCUDAIsAClearError(t *testing.T) {
 }
 
 func TestSizeClass(t *testing.T) {
-	for _, c := range []struct{ in, want uintptr }{{0, 512}, {1, 512}, {512, 512}, {513, 1024}, {1<<20 - 1, 1 << 20}, {1 << 20, 2 << 20}, {(2 << 20) + 1, 4 << 20}} {
+	for _, c := range []struct{ in, want uintptr }{{0, 512}, {1, 512}, {512, 512}, {513, 1024}, {1<<20 - 1, 1 << 20}, {1 << 20, 2 << 20},
+		{(2 << 20) + 1, 4 << 20}, {5767168, 6 << 20}, {6 << 20, 6 << 20}} {
 		if got := sizeClass(c.in); got != c.want {
 			t.Errorf("sizeClass(%d) = %d, want %d", c.in, got, c.want)
 		}
+	}
+}
+
+// TestPoolFit: a request that misses its size class takes the smallest
+// cached block at most an eighth larger, never a smaller or much larger one.
+func TestPoolFit(t *testing.T) {
+	p := newPool(nil)
+	p.free[8<<20] = []uintptr{1}
+	p.free[9<<20] = []uintptr{2}
+	p.free[4<<20] = []uintptr{3}
+	for _, c := range []struct{ in, want uintptr }{{8 << 20, 8 << 20}, {7680 << 10, 8 << 20}, {7 << 20, 0}, {8<<20 + 1, 9 << 20}, {10 << 20, 0}} {
+		if got := p.fit(c.in, false); got != c.want {
+			t.Errorf("fit(%d) = %d, want %d", c.in, got, c.want)
+		}
+	}
+	if got := p.fit(1<<20, true); got != 4<<20 {
+		t.Errorf("fit(1 MiB, any) = %d, want the smallest cached block, 4 MiB", got)
 	}
 }
 

@@ -90,7 +90,7 @@ func (b *Backend) expertTableFor(experts []*kernels.Expert, shared *kernels.Expe
 	if !set {
 		t.h = hidden
 	}
-	bf, err := b.pool.alloc(uintptr(len(host)))
+	bf, err := b.pool.allocKeep(uintptr(len(host)))
 	if err != nil {
 		return nil, err
 	}

@@ -88,15 +88,21 @@ func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H i
 		chscale = 1
 	}
 	chunk := len(experts)
+	// The scratch is sized for the worst routing (every expert here active,
+	// each padding its rows), not this step's: the engine's start-up
+	// profile runs dummy tokens, and a step must never need more scratch
+	// than the profile measured for its token count.
+	chunkCap, rowsCap := tab.present, max(total, rowsF*A+min(tab.present, A)*(padRows-1))
 	if fp8 {
 		chunk = min(chunk, max(1, b.fp8Chunk))
+		chunkCap = min(chunkCap, max(1, b.fp8Chunk))
 	}
 	// Block-scaled FP8 weights (unless FastWideGemm) are expanded as two
 	// bf16 halves, hi at wdq and lo at wdq+loOff, each GEMM then run once per
 	// half: the scaled weights keep ~16 bits, as on the CPU.
 	wdqBytes, loOff, halvesW := 0, 0, 1
 	if fp8 {
-		wdqBytes = 2 * chunk * max(2*I*H, H*I)
+		wdqBytes = 2 * chunkCap * max(2*I*H, H*I)
 		if split == 1 && tab.mode == 2 {
 			loOff, halvesW = wdqBytes/2, 2
 			wdqBytes *= 2
@@ -104,8 +110,8 @@ func (b *Backend) moeWide(op, xp, ip, wp uintptr, tab *expertTable, T, k, E, H i
 	}
 	// Pointer arrays: per expert 2 (gate, up) + 1 (down) problems per weight
 	// half, 3 pointers each.
-	ptrBytes := 8 * 3 * 3 * halvesW * len(experts)
-	sz := []int{2 * total * H, 4 * total * I, 4 * total * I, 2 * total * I, 4 * total * H, wdqBytes, ptrBytes}
+	ptrBytes := 8 * 3 * 3 * halvesW * max(tab.present, len(experts))
+	sz := []int{2 * rowsCap * H, 4 * rowsCap * I, 4 * rowsCap * I, 2 * rowsCap * I, 4 * rowsCap * H, wdqBytes, ptrBytes}
 	var size uintptr
 	off := make([]uintptr, len(sz))
 	for i, s := range sz {

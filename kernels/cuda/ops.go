@@ -155,20 +155,21 @@ func (b *Backend) QKNormRopeKV(q, k, v, qNorm, kNorm *kernels.Tensor, eps float3
 	if cache.KVHeads != kvHeads || cache.HeadDim != d || cache.K.DType != cache.V.DType {
 		return fmt.Errorf("cuda: KV cache holds %d heads of %d (%v/%v), layer has %d of %d", cache.KVHeads, cache.HeadDim, cache.K.DType, cache.V.DType, kvHeads, d)
 	}
-	kernel := "qk_norm_rope_kv_f32"
-	switch cache.K.DType {
-	case kernels.F32:
-	case kernels.BF16:
-		kernel = "qk_norm_rope_kv_bf16"
-	default:
-		return fmt.Errorf("cuda: KV cache dtype %v (want f32 or bf16)", cache.K.DType)
+	kernel, err := kvWriteKernel(cache)
+	if err != nil {
+		return err
 	}
 	nslots := int64(cache.K.Elements() / (kvHeads * d))
 	return b.op(func() error {
 		// One warp per head, 4 heads per block (see qk_norm_rope_kv_impl).
 		grid := [3]uint32{uint32(T), uint32((rope.Heads + kvHeads + 3) / 4), 1}
-		return b.launch("ops", kernel, grid, b128, 0, qp, kp, vp, qn, kn, eps, int32(rope.Heads), int32(kvHeads),
-			int32(d), int32(rot), rope.Theta, m.at(m.pos), m.at(m.slots), nslots, kc.ptr, vc.ptr, b.errFlag.ptr)
+		args := []any{qp, kp, vp, qn, kn, eps, int32(rope.Heads), int32(kvHeads),
+			int32(d), int32(rot), rope.Theta, m.at(m.pos), m.at(m.slots), nslots, kc.ptr, vc.ptr, b.errFlag.ptr}
+		if cache.K.DType == kernels.F8E4M3 {
+			ks, vs := cache.Scales()
+			args = append(args, ks, vs)
+		}
+		return b.launch("ops", kernel, grid, b128, 0, args...)
 	})
 }
 
@@ -213,13 +214,9 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 		return fmt.Errorf("cuda: KV cache holds %d heads of %d, attention wants %d of %d", cache.KVHeads, cache.HeadDim, p.KVHeads, d)
 	}
 	g := p.Heads / p.KVHeads
-	bf16 := 0
-	switch cache.K.DType {
-	case kernels.F32:
-	case kernels.BF16:
-		bf16 = 1
-	default:
-		return fmt.Errorf("cuda: KV cache dtype %v (want f32 or bf16)", cache.K.DType)
+	kind, err := kvKind(cache) // 0 f32, 1 bf16, 2 e4m3
+	if err != nil {
+		return err
 	}
 	if T == 0 {
 		return nil
@@ -232,19 +229,32 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 	splitLen := (m.maxCtx + nsplit - 1) / nsplit
 	splitLen = (splitLen + 31) / 32 * 32
 	nsplit = max(1, (m.maxCtx+splitLen-1)/splitLen)
-	key := fmt.Sprintf("attn_g%d_d%d_bf%d", g, d, bf16)
+	key := fmt.Sprintf("attn_g%d_d%d_bf%d", g, d, kind)
+	if kind == 2 {
+		key = fmt.Sprintf("attn_g%d_d%d_fp8", g, d)
+	}
 	smem := 4 * (g*d + attnWarps*g*32 + attnWarps*g*d + attnWarps*g*2)
-	// The tensor-core kernel takes bf16 caches with up to 16 q heads per kv head.
-	useMMA := bf16 == 1 && g <= 16 && d <= 128 && !b.opt.NoTensorCoreAttention
+	// The tensor-core kernel takes bf16 and e4m3 caches with up to 16 q heads per kv head.
+	useMMA := kind != 0 && g <= 16 && d <= 128 && !b.opt.NoTensorCoreAttention
 	// attention_mma's dynamic shared memory (MMA_STAGES_BYTES, MMA_MERGE_BYTES in attention.cu).
 	mmaSmem := max(attnWarps*2*(16*d+16*(d+8))*2, attnWarps*16*d*4+attnWarps*16*2*4)
+	if kind == 2 {
+		mmaSmem = max(attnWarps*2*16*((d+32)+(d+16)), attnWarps*16*d*4+attnWarps*16*2*4)
+	}
 	// Prefill layout (16 tokens per tile) when tiles are mostly full.
 	prefill := m.nTiles*4 <= T
 	scale := p.Scale * math.Log2E // the kernels work in log2 units (exp2)
+	// An e4m3 cache: K's scale joins the softmax scale; V's is the kernels' last argument.
+	var fp8Args []any
+	if kind == 2 {
+		ks, vs := cache.Scales()
+		scale *= ks
+		fp8Args = []any{vs}
+	}
 	return b.op(func() error {
 		if _, ok := b.mods[key]; !ok {
 			err := b.loadModule(key, source("common.cuh", "attention.cu"),
-				[]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d), fmt.Sprintf("KV_BF16=%d", bf16)})
+				append([]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d)}, kvDefines(kind)...))
 			if err != nil {
 				return err
 			}
@@ -289,20 +299,25 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 			// FL_* in flash.cu: warps of 32 q rows (one q head × two 16-token
 			// tiles each), up to 4 q heads per block, K/V in stages of bn
 			// positions. GLMTOPO_FLASH=old picks the earlier 16-rows-per-warp
-			// kernel, attention_flash16 (A/B runs).
+			// kernel, attention_flash16 (A/B runs; bf16 caches: e4m3 ones
+			// take attention_mma where attention_flash does not serve).
 			variant := os.Getenv("GLMTOPO_FLASH")
 			warps, stages, bn := 4, 2, 64
 			// Its own module: a compile failure there leaves the others usable.
 			fkey := fmt.Sprintf("flash_g%d_d%d_w%ds%db%d", g, d, warps, stages, bn)
+			fsmem := 2 * (d + 8) * (warps*32 + 2*stages*bn)
+			if kind == 2 { // one bf16 stage and a ring of e4m3 stages (flash.cu)
+				fkey += "_fp8"
+				fsmem = 2*(d+8)*(warps*32+2*bn) + stages*2*bn*d
+			}
 			_, loaded := b.mods[fkey]
 			if err := b.loadModule(fkey, source("common.cuh", "attention.cu", "flash.cu"),
-				[]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d), "KV_BF16=1",
-					fmt.Sprintf("FL_W=%d", warps), fmt.Sprintf("FL_STAGES=%d", stages), fmt.Sprintf("FL_BN=%d", bn)}); err != nil {
+				append([]string{fmt.Sprintf("ATT_G=%d", g), fmt.Sprintf("ATT_D=%d", d),
+					fmt.Sprintf("FL_W=%d", warps), fmt.Sprintf("FL_STAGES=%d", stages), fmt.Sprintf("FL_BN=%d", bn)}, kvDefines(kind)...)); err != nil {
 				return err
 			}
 			hpb := min(g, 4)
 			nsub, hg := 2*(warps/hpb), (g+hpb-1)/hpb
-			fsmem := 2 * (d + 8) * (warps*32 + 2*stages*bn)
 			if b.smemOptin == 0 {
 				b.d.cuDeviceGetAttribute(&b.smemOptin, attrMaxSharedPerBlockOptin, b.dev)
 			}
@@ -326,29 +341,34 @@ func (b *Backend) Attention(out, q *kernels.Tensor, cache *kernels.KVCache, p ke
 			bs := cache.BlockSize
 			if variant != "old" && fits && bs > 0 && bs&(bs-1) == 0 {
 				return b.launch(fkey, "attention_flash", [3]uint32{uint32(p.KVHeads * hg), uint32((m.nTiles + nsub - 1) / nsub), 1},
-					[3]uint32{uint32(32 * warps), 1, 1}, uint32(fsmem), o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
-					int32(m.stride), int32(bits.TrailingZeros(uint(bs))), int32(p.Heads), int32(p.KVHeads), float32(scale),
-					m.at(m.tileOff), int32(m.nTiles))
+					[3]uint32{uint32(32 * warps), 1, 1}, uint32(fsmem), append([]any{o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
+						int32(m.stride), int32(bits.TrailingZeros(uint(bs))), int32(p.Heads), int32(p.KVHeads), float32(scale),
+						m.at(m.tileOff), int32(m.nTiles)}, fp8Args...)...)
 			}
-			return b.launch(fkey, "attention_flash16", [3]uint32{uint32(p.KVHeads), uint32(m.nTiles), 1},
-				[3]uint32{uint32(32 * g), 1, 1}, 0, o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
-				int32(m.stride), int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), m.at(m.tileOff))
+			if kind != 2 { // e4m3 caches fall through to attention_mma's prefill tiles
+				return b.launch(fkey, "attention_flash16", [3]uint32{uint32(p.KVHeads), uint32(m.nTiles), 1},
+					[3]uint32{uint32(32 * g), 1, 1}, 0, o, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables),
+					int32(m.stride), int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), m.at(m.tileOff))
+			}
 		}
 		if useMMA && prefill {
 			// Rows are 16 tokens of one q head: K/V read once per 16 queries.
 			err = b.launch(key, "attention_mma", [3]uint32{uint32(p.Heads), uint32(m.nTiles), 1}, b128, uint32(mmaSmem),
-				o, uintptr(0), uintptr(0), qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
-				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(m.maxCtx), int32(1), m.at(m.tileOff))
+				append([]any{o, uintptr(0), uintptr(0), qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
+					int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(m.maxCtx), int32(1), m.at(m.tileOff)},
+					fp8Args...)...)
 			return err
 		}
 		if useMMA {
 			err = b.launch(key, "attention_mma", grid, b128, uint32(mmaSmem),
-				o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
-				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(splitLen), int32(nsplit), uintptr(0))
+				append([]any{o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
+					int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), int32(g), float32(scale), int32(splitLen), int32(nsplit), uintptr(0)},
+					fp8Args...)...)
 		} else {
 			err = b.launch(key, "attention_split", grid, b128, uint32(smem),
-				o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
-				int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), int32(splitLen), int32(nsplit))
+				append([]any{o, pacc, pml, qp, kc.ptr, vc.ptr, m.at(m.seq), m.at(m.pos), m.at(m.tables), int32(m.stride),
+					int32(cache.BlockSize), int32(p.Heads), int32(p.KVHeads), float32(scale), int32(splitLen), int32(nsplit)},
+					fp8Args...)...)
 		}
 		if err != nil || nsplit == 1 {
 			return err

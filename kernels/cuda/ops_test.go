@@ -63,10 +63,25 @@ func TestEmbedTwin(t *testing.T) {
 // wideGemmModes are the activation formats: hi+lo bf16 halves on the
 // cuBLAS path and hi+lo f16 planes for e4m3 GEMVs ("exact"), and bf16 once
 // (Options.FastWideGemm) with one f16 plane for e4m3 GEMVs (the default).
-var wideGemmModes = []struct {
+var wideGemmModes = []backendMode{{"exact", Options{ExactFP8Activations: true}}, {"fast", Options{FastWideGemm: true}}}
+
+// prefillModes are the prefill attention kernels: attention_flash (per GQA
+// group) and, with NoFlashAttention, per q head.
+var prefillModes = []backendMode{{"flash", Options{}}, {"per-head", Options{NoFlashAttention: true}}}
+
+// backendMode is a GPU backend configuration that a twin test runs under.
+type backendMode struct {
 	name string
 	opt  Options
-}{{"exact", Options{ExactFP8Activations: true}}, {"fast", Options{FastWideGemm: true}}}
+}
+
+// forModes runs twin as one subtest per mode, each on a pair whose GPU
+// backend has that mode's options.
+func forModes(t *testing.T, modes []backendMode, twin func(*testing.T, *pairT)) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) { twin(t, newPairOpt(t, m.opt)) })
+	}
+}
 
 // fp8Tol is the tolerance of an e4m3 result: activations rounded once to
 // f16 (11 bits) unless Options.ExactFP8Activations.
@@ -86,11 +101,7 @@ func wideTol(p *pairT, exactTol float64) float64 {
 	return 1e-2
 }
 
-func TestLinearTwin(t *testing.T) {
-	for _, m := range wideGemmModes {
-		t.Run(m.name, func(t *testing.T) { linearTwin(t, newPairOpt(t, m.opt)) })
-	}
-}
+func TestLinearTwin(t *testing.T) { forModes(t, wideGemmModes, linearTwin) }
 
 func linearTwin(t *testing.T, p *pairT) {
 	type wcase struct {
@@ -166,13 +177,10 @@ func TestRouteTwin(t *testing.T) {
 }
 
 func TestMoETwin(t *testing.T) {
-	for _, m := range wideGemmModes {
-		t.Run(m.name, func(t *testing.T) {
-			p := newPairOpt(t, m.opt)
-			p.gpu.fp8Chunk = 4 // FP8 experts expanded in several chunks
-			moeTwin(t, p)
-		})
-	}
+	forModes(t, wideGemmModes, func(t *testing.T, p *pairT) {
+		p.gpu.fp8Chunk = 4 // FP8 experts expanded in several chunks
+		moeTwin(t, p)
+	})
 }
 
 func moeTwin(t *testing.T, p *pairT) {
@@ -287,14 +295,7 @@ func attentionBatch(p *pairT, newTok, cached []int, blockSize, numBlocks int) *k
 	return b
 }
 
-func TestAttentionTwin(t *testing.T) {
-	for _, m := range []struct {
-		name string
-		opt  Options
-	}{{"flash", Options{}}, {"per-head", Options{NoFlashAttention: true}}} {
-		t.Run(m.name, func(t *testing.T) { attentionTwin(t, newPairOpt(t, m.opt)) })
-	}
-}
+func TestAttentionTwin(t *testing.T) { forModes(t, prefillModes, attentionTwin) }
 
 // attentionTwin runs decode, prefill and chunked-prefill batches; bf16-cache
 // prefill goes to attention_flash or, with NoFlashAttention, attention_mma.
@@ -415,12 +416,7 @@ func TestLinearLargeActivations(t *testing.T) {
 // sequences in one block or fall back to the older kernel.
 func TestFlashAttentionTwin(t *testing.T) {
 	p := newPair(t)
-	for _, fc := range []struct {
-		name             string
-		heads, kv, d, bs int
-		qScale           float32 // large: peaked softmax, the running max moves
-		newTok, cached   []int
-	}{
+	for _, fc := range []prefillCase{
 		{"air_prompt1000", 24, 2, 128, 16, 4, []int{1000}, []int{0}},
 		{"air_chunked", 24, 2, 128, 16, 4, []int{300, 37, 1}, []int{1000, 0, 77}},
 		{"g16_d128", 32, 2, 128, 16, 1, []int{130, 20}, []int{70, 0}},
@@ -433,42 +429,71 @@ func TestFlashAttentionTwin(t *testing.T) {
 	} {
 		t.Run(fc.name, func(t *testing.T) {
 			p := p.sub(t)
-			nblocks := 5
-			for i := range fc.newTok {
-				nblocks += (fc.newTok[i] + fc.cached[i] + fc.bs - 1) / fc.bs
-			}
-			batch := attentionBatch(p, fc.newTok, fc.cached, fc.bs, nblocks)
-			T := batch.Tokens()
-			if tiles := len(prefillTiles(batch)) / 2; tiles*4 > T {
-				t.Fatalf("%d tiles for %d tokens: not the prefill layout", tiles, T)
-			}
-			slots := nblocks * fc.bs
-			hist := [2][]float32{p.randF32(slots*fc.kv*fc.d, 1), p.randF32(slots*fc.kv*fc.d, 1)}
-			var ct, gt [2]*kernels.Tensor
-			for i, h := range hist {
-				for j := range h { // the CPU holds the bf16 values in f32
-					h[j] = math.Float32frombits(math.Float32bits(h[j]) &^ 0xffff)
+			r := fc.run(t, p, func(slots int) (c, g *kernels.KVCache) {
+				hist := [2][]float32{p.randF32(slots*fc.kv*fc.d, 1), p.randF32(slots*fc.kv*fc.d, 1)}
+				var ct, gt [2]*kernels.Tensor
+				for i, h := range hist {
+					for j := range h { // the CPU holds the bf16 values in f32
+						h[j] = math.Float32frombits(math.Float32bits(h[j]) &^ 0xffff)
+					}
+					ct[i] = p.upload(kernels.F32, f32Bytes(h), slots, fc.kv, fc.d).c
+					gt[i] = bf16Tensor(t, p.gpu, h, slots, fc.kv, fc.d)
 				}
-				ct[i] = p.upload(kernels.F32, f32Bytes(h), slots, fc.kv, fc.d).c
-				gt[i] = bf16Tensor(t, p.gpu, h, slots, fc.kv, fc.d)
-			}
-			ccache := &kernels.KVCache{K: ct[0], V: ct[1], BlockSize: fc.bs, KVHeads: fc.kv, HeadDim: fc.d}
-			gcache := &kernels.KVCache{K: gt[0], V: gt[1], BlockSize: fc.bs, KVHeads: fc.kv, HeadDim: fc.d}
-			q := p.f32(fc.qScale, T, fc.heads*fc.d)
-			cm, err := p.cpu.UploadBatch(batch)
-			must(t, "batch", err)
-			gm, err := p.gpu.UploadBatch(batch)
-			must(t, "batch", err)
-			ap := kernels.AttentionParams{Heads: fc.heads, KVHeads: fc.kv, HeadDim: fc.d, Scale: float32(1 / math.Sqrt(float64(fc.d)))}
-			out := p.poisoned(T, fc.heads*fc.d)
-			must(t, "attention", p.cpu.Attention(out.c, q.c, ccache, ap, cm), p.gpu.Attention(out.g, q.g, gcache, ap, gm))
-			p.check("attention_flash", out, 1e-2)
+				return &kernels.KVCache{K: ct[0], V: ct[1], BlockSize: fc.bs, KVHeads: fc.kv, HeadDim: fc.d},
+					&kernels.KVCache{K: gt[0], V: gt[1], BlockSize: fc.bs, KVHeads: fc.kv, HeadDim: fc.d}
+			})
+			p.check("attention_flash", r.out, 1e-2)
 			t.Setenv("GLMTOPO_FLASH", "old")
-			old := p.poisoned(T, fc.heads*fc.d)
-			must(t, "attention (old)", p.gpu.Attention(old.g, q.g, gcache, ap, gm))
-			p.check("attention_flash16", twin{out.c, old.g}, 1e-2)
+			old := p.poisoned(r.T, fc.heads*fc.d)
+			must(t, "attention (old)", p.gpu.Attention(old.g, r.q.g, r.gcache, r.ap, r.gm))
+			p.check("attention_flash16", twin{r.out.c, old.g}, 1e-2)
 		})
 	}
+}
+
+// prefillCase is one prefill attention batch for the twin tests: heads q
+// heads over kv kv heads of dimension d in blocks of bs positions, q of
+// magnitude qScale, and per sequence newTok[i] new tokens after cached[i].
+type prefillCase struct {
+	name             string
+	heads, kv, d, bs int
+	qScale           float32 // large: peaked softmax, the running max moves
+	newTok, cached   []int
+}
+
+// prefillRun is what prefillCase.run leaves for a test to check further.
+type prefillRun struct {
+	T      int // tokens in the batch
+	out, q twin
+	gcache *kernels.KVCache
+	ap     kernels.AttentionParams
+	gm     kernels.BatchMeta
+}
+
+// run lays out fc's batch on both backends (asserting it takes the prefill
+// tiles), fills the caches that cache builds for slots positions, and runs
+// attention on both into r.out.
+func (fc prefillCase) run(t *testing.T, p *pairT, cache func(slots int) (c, g *kernels.KVCache)) prefillRun {
+	t.Helper()
+	nblocks := 5
+	for i := range fc.newTok {
+		nblocks += (fc.newTok[i] + fc.cached[i] + fc.bs - 1) / fc.bs
+	}
+	batch := attentionBatch(p, fc.newTok, fc.cached, fc.bs, nblocks)
+	T := batch.Tokens()
+	if tiles := len(prefillTiles(batch)) / 2; tiles*4 > T {
+		t.Fatalf("%d tiles for %d tokens: not the prefill layout", tiles, T)
+	}
+	ccache, gcache := cache(nblocks * fc.bs)
+	q := p.f32(fc.qScale, T, fc.heads*fc.d)
+	cm, err := p.cpu.UploadBatch(batch)
+	must(t, "batch", err)
+	gm, err := p.gpu.UploadBatch(batch)
+	must(t, "batch", err)
+	ap := kernels.AttentionParams{Heads: fc.heads, KVHeads: fc.kv, HeadDim: fc.d, Scale: float32(1 / math.Sqrt(float64(fc.d)))}
+	out := p.poisoned(T, fc.heads*fc.d)
+	must(t, "attention", p.cpu.Attention(out.c, q.c, ccache, ap, cm), p.gpu.Attention(out.g, q.g, gcache, ap, gm))
+	return prefillRun{T: T, out: out, q: q, gcache: gcache, ap: ap, gm: gm}
 }
 
 // BenchmarkFlashAttentionAir times causal prefill attention at GLM-4.5 Air's

@@ -84,7 +84,7 @@ func (b *Backend) NewTensor(dt kernels.DType, shape ...int) (*kernels.Tensor, er
 	if err := b.enter(); err != nil {
 		return nil, err
 	}
-	bf, err := b.pool.alloc(uintptr(n * dt.Size()))
+	bf, err := b.pool.allocKeep(uintptr(n * dt.Size()))
 	b.leave()
 	if err != nil {
 		return nil, fmt.Errorf("cuda: tensor %v %v: %w", dt, shape, err)
@@ -362,7 +362,7 @@ func (b *Backend) uploadBatch(batch *kernels.Batch, own bool) (kernels.BatchMeta
 	}
 	defer b.leave()
 	if own {
-		bf, err := b.pool.alloc(uintptr(4 * max(n, 1)))
+		bf, err := b.pool.allocKeep(uintptr(4 * max(n, 1)))
 		if err != nil {
 			return nil, err
 		}
@@ -376,7 +376,10 @@ func (b *Backend) uploadBatch(batch *kernels.Batch, own bool) (kernels.BatchMeta
 	need := uintptr(4 * max(n, 1))
 	if b.metas[i] == nil || b.metas[i].size < need {
 		b.pool.put(b.metas[i])
-		bf, err := b.pool.alloc(need)
+		// At least 256 KiB (a 2048-token step over 16 sequences of 9216
+		// tokens takes 64 KiB), so that the ring is allocated once, at the
+		// engine's warm-up, not on the serving path.
+		bf, err := b.pool.allocKeep(max(need, 256<<10))
 		if err != nil {
 			return nil, err
 		}

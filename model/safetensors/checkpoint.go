@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -67,10 +68,21 @@ func OpenDir(dir string) (*Checkpoint, error) {
 	return openFiles(dir, matches)
 }
 
+// maxIndexBytes bounds model.safetensors.index.json (GLM-4.5-FP8's is ~7 MB).
+const maxIndexBytes = 64 << 20
+
 func openIndex(dir, indexPath string) (*Checkpoint, error) {
-	raw, err := os.ReadFile(indexPath)
+	f, err := os.Open(indexPath)
 	if err != nil {
 		return nil, fmt.Errorf("safetensors: %w", err)
+	}
+	raw, err := io.ReadAll(io.LimitReader(f, maxIndexBytes+1))
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("safetensors: %w", err)
+	}
+	if len(raw) > maxIndexBytes {
+		return nil, fmt.Errorf("safetensors %s: larger than %d bytes: not a checkpoint index", indexPath, maxIndexBytes)
 	}
 	var idx indexJSON
 	if err := json.Unmarshal(raw, &idx); err != nil {

@@ -1,5 +1,8 @@
 // Paged attention, split over the context (flash-decoding). Compiled per
-// (ATT_G q heads per kv head, ATT_D head dim, KV_BF16 cache type).
+// (ATT_G q heads per kv head, ATT_D head dim, cache type: KV_BF16, KV_FP8 or
+// neither for f32). An e4m3 cache (KV_FP8) holds k / k_scale and v / v_scale:
+// the host folds k_scale into the softmax scale, and the kernels multiply
+// their (unnormalised) output by vscale, an extra last argument.
 // Grid (kvheads, tokens, splits), 128 threads: each warp takes 32 positions at
 // a time (one per lane for the scores, then all lanes over the head dims for
 // V), keeps an online softmax per q head, and the 4 warps merge at the end.
@@ -12,16 +15,32 @@
 #ifndef ATT_D
 #define ATT_D 64
 #endif
-#if KV_BF16
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8
+typedef fp8_t kv_t;
+#define KV_VSCALE_ARG , float vscale
+#elif KV_BF16
 typedef bf16_t kv_t;
 #else
 typedef float kv_t;
+#endif
+#ifndef KV_VSCALE_ARG
+#define KV_VSCALE_ARG
 #endif
 #define AW 4
 #define DPL (ATT_D / 32)
 
 __device__ __forceinline__ void load_row8(const kv_t* p, float* out) {
-#if KV_BF16
+#if KV_FP8
+    uint2 u = *(const uint2*)p;
+    unsigned x[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) out[4 * i + j] = fp82f((x[i] >> (8 * j)) & 0xffu);
+#elif KV_BF16
     uint4 u = *(const uint4*)p;
     unsigned x[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -36,7 +55,9 @@ __device__ __forceinline__ void load_row8(const kv_t* p, float* out) {
 }
 
 __device__ __forceinline__ float kv_at(const kv_t* p, int i) {
-#if KV_BF16
+#if KV_FP8
+    return fp82f(p[i]);
+#elif KV_BF16
     return bf2f(p[i]);
 #else
     return p[i];
@@ -46,7 +67,7 @@ __device__ __forceinline__ float kv_at(const kv_t* p, int i) {
 extern "C" __global__ void __launch_bounds__(128) attention_split(
     float* out, float* part_acc, float* part_ml, const float* q, const kv_t* kc, const kv_t* vc, const int* seq_index,
     const int* positions, const int* tables, int table_stride, int block_size, int heads, int kvheads, float scale,
-    int split_len, int nsplit) {
+    int split_len, int nsplit KV_VSCALE_ARG) {
     pdl_start();
     extern __shared__ float smem[];
     float* sq = smem;                            // [G][D]
@@ -158,6 +179,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(
                 A += sacc[(w * ATT_G + h) * ATT_D + d] * c;
             }
         }
+#if KV_FP8
+        A *= vscale;
+#endif
         long qh = (long)t * heads + g * ATT_G + h;
         if (nsplit == 1) {
             out[qh * ATT_D + d] = L > 0.f ? A / L : 0.f;
@@ -210,18 +234,28 @@ extern "C" __global__ void attention_combine(float* out, const float* part_acc, 
     }
 }
 
-#if KV_BF16 && ATT_D <= 128
-// attention_mma: the same split attention on the tensor cores, for bf16
-// caches and up to 16 q heads per kv head. One warp takes 16 positions at a
+#if (KV_BF16 || KV_FP8) && ATT_D <= 128
+// attention_mma: the same split attention on the tensor cores, for bf16 and
+// e4m3 caches and up to 16 q heads per kv head. One warp takes 16 positions at a
 // time: S = Q·Kᵀ as 16 (heads, zero-padded) × 16 positions with
 // mma.m16n8k16 (bf16 in, f32 accumulate), an online softmax per head, then
 // O += P·V with P straight from the S registers and V through shared memory
 // (ldmatrix.trans). The head dims are permuted consistently in Q and K so
 // that every lane loads K with 16-byte loads.
 #define MMA_ROWSTRIDE (ATT_D + 8) // bf16 elements per staged V row (16 B pad: no bank conflicts)
+// An e4m3 cache is staged as rows of bytes, K rows 32 B and V rows 16 B
+// longer than a head so that the lanes' reads (8 B of K, 4 B of V) are
+// free of bank conflicts, and converted to bf16 in registers.
+#define MMA_KROW8 (ATT_D + 32)
+#define MMA_VROW8 (ATT_D + 16)
 // Dynamic shared memory of attention_mma: the larger of the stages (4 warps
-// × 2 × (K 16×D + V 16×MMA_ROWSTRIDE) bf16) and the merge area.
+// × 2 × (K 16×D + V 16×MMA_ROWSTRIDE) bf16, or 16 rows of MMA_KROW8 +
+// MMA_VROW8 bytes) and the merge area.
+#if KV_FP8
+#define MMA_STAGES_BYTES (AW * 2 * 16 * (MMA_KROW8 + MMA_VROW8))
+#else
 #define MMA_STAGES_BYTES (AW * 2 * (16 * ATT_D + 16 * MMA_ROWSTRIDE) * 2)
+#endif
 #define MMA_MERGE_BYTES (AW * 16 * ATT_D * 4 + AW * 16 * 2 * 4)
 
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
@@ -232,10 +266,14 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 
 // mma_q_frags loads this lane's A fragments (m16n8k16, bf16) of two q rows
 // scaled by scale: q0 is the lane's row gr, q1 row gr+8; a row that does not
-// exist (r0/r1 false) is zeros. Lane column group c = lane & 3.
+// exist (r0/r1 false) is zeros. Lane column group c = lane & 3. The mma's k
+// index 2c+{0,1,8,9} (+16 for the second fragment) takes head dim
+// 32kk+8c+{0,1,2,3} (+4), or with EO (even/odd, for e4m3 K: fp8x4_bf16)
+// 32kk+8c+{0,2,1,3} (+4); K is loaded to match.
+template <bool EO = false>
 __device__ __forceinline__ void mma_q_frags(unsigned (&qa)[ATT_D / 32][2][4], const float* q0, const float* q1, bool r0,
                                             bool r1, float scale, int c) {
-    const int KK = ATT_D / 32;
+    const int KK = ATT_D / 32, i1 = EO ? 2 : 1, i2 = EO ? 1 : 2;
 #pragma unroll
     for (int kk = 0; kk < KK; kk++) {
         float x0[8], x1[8];
@@ -244,15 +282,28 @@ __device__ __forceinline__ void mma_q_frags(unsigned (&qa)[ATT_D / 32][2][4], co
             x0[i] = r0 ? q0[32 * kk + 8 * c + i] * scale : 0.f;
             x1[i] = r1 ? q1[32 * kk + 8 * c + i] * scale : 0.f;
         }
-        qa[kk][0][0] = pack_bf16(x0[0], x0[1]);
-        qa[kk][0][1] = pack_bf16(x1[0], x1[1]);
-        qa[kk][0][2] = pack_bf16(x0[2], x0[3]);
-        qa[kk][0][3] = pack_bf16(x1[2], x1[3]);
-        qa[kk][1][0] = pack_bf16(x0[4], x0[5]);
-        qa[kk][1][1] = pack_bf16(x1[4], x1[5]);
-        qa[kk][1][2] = pack_bf16(x0[6], x0[7]);
-        qa[kk][1][3] = pack_bf16(x1[6], x1[7]);
+        qa[kk][0][0] = pack_bf16(x0[0], x0[i1]);
+        qa[kk][0][1] = pack_bf16(x1[0], x1[i1]);
+        qa[kk][0][2] = pack_bf16(x0[i2], x0[3]);
+        qa[kk][0][3] = pack_bf16(x1[i2], x1[3]);
+        qa[kk][1][0] = pack_bf16(x0[4], x0[4 + i1]);
+        qa[kk][1][1] = pack_bf16(x1[4], x1[4 + i1]);
+        qa[kk][1][2] = pack_bf16(x0[4 + i2], x0[7]);
+        qa[kk][1][3] = pack_bf16(x1[4 + i2], x1[7]);
     }
+}
+
+// fp8x4_bf16 converts four e4m3 bytes to bf16x2 pairs, exactly: even holds
+// bytes 0 (low half) and 2, odd bytes 1 and 3. Sign and the 7 exponent and
+// mantissa bits placed in a bf16 give the value times 2^-120 (exponent bias
+// 7 against 127; e4m3 subnormals land on bf16 subnormals), which one bf16x2
+// multiply by 2^120 undoes. 0x7f/0xff (NaN) decode to ±480, as fp82f.
+__device__ __forceinline__ void fp8x4_bf16(unsigned x, unsigned& even, unsigned& odd) {
+    unsigned e = ((x << 8) & 0x80008000u) | ((x << 4) & 0x07f007f0u);
+    unsigned o = (x & 0x80008000u) | ((x >> 4) & 0x07f007f0u);
+    const unsigned k = 0x7b807b80u, nz = 0x80008000u; // 2^120 and -0 in each half
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(e), "r"(k), "r"(nz));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(o), "r"(k), "r"(nz));
 }
 
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
@@ -263,9 +314,9 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_mma(
-    float* out, float* part_acc, float* part_ml, const float* q, const bf16_t* kc, const bf16_t* vc,
+    float* out, float* part_acc, float* part_ml, const float* q, const kv_t* kc, const kv_t* vc,
     const int* seq_index, const int* positions, const int* tables, int table_stride, int block_size, int heads,
-    int kvheads, int G, float scale, int split_len, int nsplit, const int* tiles) {
+    int kvheads, int G, float scale, int split_len, int nsplit, const int* tiles KV_VSCALE_ARG) {
     pdl_start();
     // Two row layouts of the 16-row mma tile. Decode (tiles == 0): the rows
     // are the G q heads of kv head blockIdx.x for token blockIdx.y. Prefill:
@@ -309,20 +360,37 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
         const float* q0 = pf ? q + ((long)(first + min(gr, rows - 1)) * heads + head) * ATT_D
                              : q + ((long)t * heads + g * G + gr) * ATT_D;
         const float* q1 = pf ? q + ((long)(first + min(gr + 8, rows - 1)) * heads + head) * ATT_D : q0 + 8L * ATT_D;
-        mma_q_frags(qa, q0, q1, r0, r1, scale, c);
+        mma_q_frags<KV_FP8 != 0>(qa, q0, q1, r0, r1, scale, c);
     }
     float o[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+#if KV_FP8
+    const int KST = MMA_KROW8, VST = MMA_VROW8; // uint4 per stage: 16 rows of bytes each
+#else
     const int KST = 2 * KK * 32;                  // uint4 of K per stage (lane order)
     const int VST = 16 * MMA_ROWSTRIDE * 2 / 16;  // uint4 of V rows per stage
+#endif
     uint4* wst = (uint4*)mma_smem + warp * 2 * (KST + VST);
     unsigned wst_addr;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(wst_addr) : "l"(wst));
     // issue starts the copies of the tile at base into stage st (one commit group).
     auto issue = [&](int base, int st) {
         unsigned ka = wst_addr + st * (KST + VST) * 16, va = ka + KST * 16;
+#if KV_FP8
+        // K and V as rows of bytes, 16 B per copy.
+#pragma unroll
+        for (int i = lane; i < ATT_D; i += 32) { // 16 rows × ATT_D/16 chunks
+            int row = i / (ATT_D / 16), col = i % (ATT_D / 16);
+            int p = min(base + row, end - 1);
+            long src = ((long)table[p / block_size] * block_size + p % block_size) * kvstride + (long)g * ATT_D + col * 16;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(ka + row * MMA_KROW8 + col * 16), "l"(kc + src)
+                         : "memory");
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(va + row * MMA_VROW8 + col * 16), "l"(vc + src)
+                         : "memory");
+        }
+#else
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int p = min(base + h * 8 + gr, end - 1);
@@ -341,6 +409,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(va + (row * MMA_ROWSTRIDE + col * 8) * 2),
                          "l"(vc + slot * kvstride + (long)g * ATT_D + col * 8) : "memory");
         }
+#endif
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
     int base0 = start + warp * 16;
@@ -359,9 +428,19 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
             s[h][0] = s[h][1] = s[h][2] = s[h][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KK; kk++) {
+#if KV_FP8
+                // This lane's 8 bytes of position h·8+gr: head dims 32kk+8c..+7 (mma_q_frags<true>).
+                uint2 u = *(const uint2*)((const unsigned char*)ks + (h * 8 + gr) * MMA_KROW8 + 32 * kk + 8 * c);
+                unsigned e0, o0, e1, o1;
+                fp8x4_bf16(u.x, e0, o0);
+                fp8x4_bf16(u.y, e1, o1);
+                mma16816(s[h], qa[kk][0], e0, o0);
+                mma16816(s[h], qa[kk][1], e1, o1);
+#else
                 uint4 kv = ks[(h * KK + kk) * 32 + lane];
                 mma16816(s[h], qa[kk][0], kv.x, kv.y);
                 mma16816(s[h], qa[kk][1], kv.z, kv.w);
+#endif
             }
         }
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -409,6 +488,30 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
         unsigned pa[4] = {pack_bf16(e[0][0], e[0][1]), pack_bf16(e[0][2], e[0][3]), pack_bf16(e[1][0], e[1][1]),
                           pack_bf16(e[1][2], e[1][3])};
         __syncwarp();
+#if KV_FP8
+        // V fragments from byte rows: n-tile 4a+j, column gr is head dim
+        // 32a+4gr+j (the output is written back in that order), so each
+        // lane reads one word of rows 2c, 2c+1, 2c+8, 2c+9 per 4 n-tiles.
+        {
+            const unsigned char* vr = (const unsigned char*)(ks + KST) + 4 * gr;
+#pragma unroll
+            for (int a = 0; a < ATT_D / 32; a++) {
+                unsigned w0 = *(const unsigned*)(vr + (2 * c) * MMA_VROW8 + 32 * a);
+                unsigned w1 = *(const unsigned*)(vr + (2 * c + 1) * MMA_VROW8 + 32 * a);
+                unsigned w8 = *(const unsigned*)(vr + (2 * c + 8) * MMA_VROW8 + 32 * a);
+                unsigned w9 = *(const unsigned*)(vr + (2 * c + 9) * MMA_VROW8 + 32 * a);
+#pragma unroll
+                for (int jp = 0; jp < 2; jp++) { // n-tiles 4a+2jp and 4a+2jp+1
+                    unsigned sel = jp ? 0x7632u : 0x5410u;
+                    unsigned lo0, lo1, hi0, hi1;
+                    fp8x4_bf16(__byte_perm(w0, w1, sel), lo0, lo1);
+                    fp8x4_bf16(__byte_perm(w8, w9, sel), hi0, hi1);
+                    mma16816(o[4 * a + 2 * jp], pa, lo0, hi0);
+                    mma16816(o[4 * a + 2 * jp + 1], pa, lo1, hi1);
+                }
+            }
+        }
+#else
         int mi = lane >> 3, r = lane & 7;
         unsigned row_addr = sv_addr + (unsigned)(((r + (mi & 1) * 8) * MMA_ROWSTRIDE + (mi >> 1) * 8) * 2);
 #pragma unroll
@@ -420,6 +523,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
             mma16816(o[2 * np], pa, b0, b1);
             mma16816(o[2 * np + 1], pa, b2, b3);
         }
+#endif
         __syncwarp(); // every lane is done with stage st before it is refilled
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -432,11 +536,15 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
     float* sml = sacc + AW * 16 * ATT_D;        // [AW][16][2]
 #pragma unroll
     for (int i = 0; i < NT; i++) {
-        int d = i * 8 + 2 * c;
+#if KV_FP8
+        int d = 32 * (i >> 2) + 8 * c + (i & 3), d1 = d + 4; // columns 2c, 2c+1 of n-tile i (see the V fragments)
+#else
+        int d = i * 8 + 2 * c, d1 = d + 1;
+#endif
         sacc[(warp * 16 + gr) * ATT_D + d] = o[i][0];
-        sacc[(warp * 16 + gr) * ATT_D + d + 1] = o[i][1];
+        sacc[(warp * 16 + gr) * ATT_D + d1] = o[i][1];
         sacc[(warp * 16 + gr + 8) * ATT_D + d] = o[i][2];
-        sacc[(warp * 16 + gr + 8) * ATT_D + d + 1] = o[i][3];
+        sacc[(warp * 16 + gr + 8) * ATT_D + d1] = o[i][3];
     }
     if (c == 0) {
         sml[(warp * 16 + gr) * 2] = m0;
@@ -459,6 +567,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma(
                 A += sacc[(w * 16 + h) * ATT_D + d] * cw;
             }
         }
+#if KV_FP8
+        A *= vscale;
+#endif
         long qh = pf ? (long)(first + h) * heads + head : (long)t * heads + g * G + h;
         if (nsplit == 1) {
             out[qh * ATT_D + d] = L > 0.f ? A / L : 0.f;

@@ -27,6 +27,25 @@ __device__ __forceinline__ float fp82f(unsigned q) {
     return (q & 0x80u) ? -v : v;
 }
 
+// f32 → e4m3fn rounded to nearest even, saturating finite overflow and ±Inf
+// to ±448 (NaN stays NaN): kernels.F32ToE4M3 on the host, and vLLM's fp8 KV
+// cache write (__nv_cvt_float_to_fp8 with __NV_SATFINITE).
+__device__ __forceinline__ fp8_t f2fp8(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %1;" : "=h"(r) : "f"(f));
+    return (fp8_t)(r & 0xffu);
+#else
+    unsigned b = __float_as_uint(f), sign = (b >> 24) & 0x80u, a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) return (fp8_t)(sign | 0x7fu);
+    if (a >= 0x43e00000u) return (fp8_t)(sign | 0x7eu); // ≥ 448
+    if (a < 0x3c800000u) // below 2^-6: subnormal, in units of 2^-9 (exact scaling)
+        return (fp8_t)(sign | (unsigned)__float2int_rn(__uint_as_float(a) * 512.f));
+    unsigned r = a + 0x7ffffu + ((a >> 20) & 1u);
+    return (fp8_t)(sign | (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u));
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,7 +1,16 @@
 // Flash-attention prefill. Compiled as its own module after attention.cu
-// (for pack_bf16 and mma16816), per (ATT_G, ATT_D), bf16 caches only.
-// Two kernels: attention_flash (the default, below the first) and
-// attention_flash16, the earlier design kept for A/B runs (GLMTOPO_FLASH=old).
+// (for pack_bf16, mma16816 and fp8x4_bf16), per (ATT_G, ATT_D), for bf16
+// and (attention_flash only) e4m3 caches. Two kernels: attention_flash (the
+// default, below the first) and attention_flash16, the earlier design kept
+// for A/B runs (GLMTOPO_FLASH=old).
+#if (KV_BF16 || KV_FP8) && ATT_D <= 128 && ATT_G <= 16
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+#endif
+
 #if KV_BF16 && ATT_D <= 128 && ATT_G <= 16
 // attention_flash16: causal prefill on the tensor cores, one block per 16-token
 // q tile × the ATT_G q heads of one kv head (warp w takes q head g·G+w), so
@@ -13,12 +22,6 @@
 #define FL_KT 32
 #define FL_KROW (ATT_D + ((2 * ATT_D) % 128 == 0 ? 32 : 0)) // rows 64 B off a 128 B period: conflict-free uint4 reads
 #define FL_VROW (ATT_D + 8)                                // 16 B pad: conflict-free ldmatrix
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 
 __device__ __forceinline__ void flash_load(bf16_t* sk, bf16_t* sv, const bf16_t* kc, const bf16_t* vc, const int* table,
                                            int block_size, long kvstride, int g, int base, int end) {
@@ -167,6 +170,9 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_G) attention_flash16(
     }
 }
 
+#endif
+
+#if (KV_BF16 || KV_FP8) && ATT_D <= 128 && ATT_G <= 16
 // attention_flash: the same causal prefill with 32 q rows per warp, FA2-style.
 // A block has FL_W warps; warp w takes q head hg·FL_HPB + w % FL_HPB of kv
 // head g and two 16-token tiles (m-tiles) of the block's FL_NSUB consecutive
@@ -205,6 +211,64 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_G) attention_flash16(
 #define FL_STR (ATT_D + 8)                        // bf16 per staged row: 16 B pad
 // The host mirrors FL_HPB, FL_NSUB, FL_HG and the shared-memory size:
 // 2 bytes × FL_STR × (FL_W·32 Q rows + FL_STAGES × 2 × FL_BN K/V rows).
+//
+// An e4m3 cache (KV_FP8): the cp.async ring holds the tiles' bytes
+// (FL_STAGES × 2 × FL_BN rows of ATT_D bytes, after one bf16 K/V stage of
+// 2 × FL_BN rows), and each thread converts the chunks it copied itself
+// into the bf16 stage, so the ring needs no barrier of its own; a second
+// barrier per tile then publishes the bf16 stage. The host folds the K
+// scale into the softmax scale; the output is multiplied by vscale. Shared
+// memory: 2 × FL_STR × (FL_W·32 + 2 × FL_BN) + FL_STAGES × 2 × FL_BN × ATT_D.
+#if KV_FP8
+// fl_chunks8 calls f(row, col) for this thread's 16-byte chunks of an
+// FL_BN-row tile of e4m3 rows: the same chunks on every call.
+template <typename F>
+__device__ __forceinline__ void fl_chunks8(F f) {
+    const int CH = ATT_D / 16, RPI = 32 * FL_W / CH;
+    int col = threadIdx.x % CH, r0 = threadIdx.x / CH;
+    if (r0 >= RPI) return;
+#pragma unroll
+    for (int it = 0; it < (FL_BN + RPI - 1) / RPI; it++) {
+        int row = r0 + it * RPI;
+        if (FL_BN % RPI != 0 && row >= FL_BN) break;
+        f(row, col);
+    }
+}
+
+// fl_load8 copies e4m3 K and V rows base..base+FL_BN-1 (clamped to end-1)
+// of kv head g to shared addresses k8/v8 (rows of ATT_D bytes).
+__device__ __forceinline__ void fl_load8(unsigned k8, unsigned v8, const fp8_t* kc, const fp8_t* vc, const int* table,
+                                         int bshift, int kvstride, int g, int base, int end) {
+    fl_chunks8([&](int row, int col) {
+        int p = min(base + row, end - 1);
+        int slot = (table[p >> bshift] << bshift) + (p & ((1 << bshift) - 1));
+        long src = (long)slot * kvstride + (g * ATT_D + col * 16);
+        unsigned dst = (unsigned)(row * ATT_D + col * 16);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(k8 + dst), "l"(kc + src) : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(v8 + dst), "l"(vc + src) : "memory");
+    });
+}
+
+// fl_widen8 converts 16 e4m3 bytes to 16 bf16 in order, exactly.
+__device__ __forceinline__ void fl_widen8(uint4 x, uint4* out) {
+    unsigned w[4] = {x.x, x.y, x.z, x.w}, r[8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) // bytes 0,2,1,3: the even pair is bytes 0,1, the odd 2,3
+        fp8x4_bf16(__byte_perm(w[i], 0, 0x3120), r[2 * i], r[2 * i + 1]);
+    out[0] = make_uint4(r[0], r[1], r[2], r[3]);
+    out[1] = make_uint4(r[4], r[5], r[6], r[7]);
+}
+
+// fl_convert8 widens this thread's chunks of the e4m3 tile at k8/v8 into
+// the bf16 K/V stage at sk/sv (rows of FL_STR).
+__device__ __forceinline__ void fl_convert8(const unsigned char* k8, const unsigned char* v8, bf16_t* sk, bf16_t* sv) {
+    fl_chunks8([&](int row, int col) {
+        int src = row * ATT_D + col * 16, dst = row * FL_STR + col * 16;
+        fl_widen8(*(const uint4*)(k8 + src), (uint4*)(sk + dst));
+        fl_widen8(*(const uint4*)(v8 + src), (uint4*)(sv + dst));
+    });
+}
+#endif
 
 __device__ __forceinline__ float fl_ex2(float x) {
     float y;
@@ -248,9 +312,9 @@ __device__ __forceinline__ void fl_load(unsigned sk, unsigned sv, const bf16_t* 
 }
 
 extern "C" __global__ void __launch_bounds__(32 * FL_W, 8 / FL_W) attention_flash(
-    float* out, const float* q, const bf16_t* kc, const bf16_t* vc, const int* seq_index, const int* positions,
+    float* out, const float* q, const kv_t* kc, const kv_t* vc, const int* seq_index, const int* positions,
     const int* tables, int table_stride, int block_shift, int heads, int kvheads, float scale, const int* tiles,
-    int ntiles) {
+    int ntiles KV_VSCALE_ARG) {
     pdl_start();
     extern __shared__ __align__(16) unsigned char fl_smem[];
     // The current pass (thread 0 plans it): sequence, end of its keys, its
@@ -260,7 +324,15 @@ extern "C" __global__ void __launch_bounds__(32 * FL_W, 8 / FL_W) attention_flas
     const int NK = ATT_D / 16, NS = FL_BN / 8, ND = ATT_D / 8;
     const unsigned ROW = FL_STR * 2, STAGE = FL_BN * ROW;
     bf16_t* sq = (bf16_t*)fl_smem; // [FL_W][32][FL_STR], then K [FL_STAGES][FL_BN][FL_STR], V likewise
+#if KV_FP8
+    // One bf16 stage, then the e4m3 ring: FL_STAGES × (K, V) × FL_BN rows of ATT_D bytes.
+    unsigned sq_a = smem_u32(sq), sk_a = sq_a + FL_W * 32 * ROW, sv_a = sk_a + STAGE;
+    unsigned r8_a = sv_a + STAGE;
+    const unsigned STAGE8 = FL_BN * ATT_D;
+    const unsigned char* ring8 = fl_smem + (r8_a - sq_a);
+#else
     unsigned sq_a = smem_u32(sq), sk_a = sq_a + FL_W * 32 * ROW, sv_a = sk_a + FL_STAGES * STAGE;
+#endif
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, c = lane & 3;
     int g = blockIdx.x / FL_HG, hl = (blockIdx.x % FL_HG) * FL_HPB + warp % FL_HPB, tg = warp / FL_HPB;
     bool idle = tg >= FL_TG || hl >= ATT_G; // warps beyond the group: loads and barriers only
@@ -332,12 +404,30 @@ extern "C" __global__ void __launch_bounds__(32 * FL_W, 8 / FL_W) attention_flas
 #pragma unroll
         for (int st = 0; st < FL_STAGES - 1; st++) {
             if (st < nblk)
+#if KV_FP8
+                fl_load8(r8_a + 2 * st * STAGE8, r8_a + (2 * st + 1) * STAGE8, kc, vc,
+                         tables + (long)fl_pass[0] * table_stride, block_shift, kvstride, g, st * FL_BN, fl_pass[1]);
+#else
                 fl_load(sk_a + st * STAGE, sv_a + st * STAGE, kc, vc, tables + (long)fl_pass[0] * table_stride,
                         block_shift, kvstride, g, st * FL_BN, fl_pass[1]);
+#endif
             asm volatile("cp.async.commit_group;" ::: "memory");
         }
         for (int j = 0; j < nblk; j++) {
             asm volatile("cp.async.wait_group %0;" ::"n"(FL_STAGES - 2) : "memory");
+#if KV_FP8
+            __syncthreads(); // every warp is done with tile j-1 in the bf16 stage
+            int jn = j + FL_STAGES - 1; // refills tile j-1's e4m3 stage (this thread converted its chunks)
+            if (jn < nblk)
+                fl_load8(r8_a + 2 * (jn % FL_STAGES) * STAGE8, r8_a + (2 * (jn % FL_STAGES) + 1) * STAGE8, kc, vc,
+                         tables + (long)fl_pass[0] * table_stride, block_shift, kvstride, g, jn * FL_BN, fl_pass[1]);
+            asm volatile("cp.async.commit_group;" ::: "memory");
+            fl_convert8(ring8 + 2 * (j % FL_STAGES) * STAGE8, ring8 + (2 * (j % FL_STAGES) + 1) * STAGE8,
+                        (bf16_t*)(fl_smem + (sk_a - sq_a)), (bf16_t*)(fl_smem + (sv_a - sq_a)));
+            __syncthreads(); // tile j is in the bf16 stage
+            if (!on) continue;
+            unsigned so = 0;
+#else
             __syncthreads(); // tile j is visible; every warp is done with tile j-1's stage
             int jn = j + FL_STAGES - 1; // refills tile j-1's stage
             if (jn < nblk)
@@ -346,6 +436,7 @@ extern "C" __global__ void __launch_bounds__(32 * FL_W, 8 / FL_W) attention_flas
             asm volatile("cp.async.commit_group;" ::: "memory");
             if (!on) continue;
             unsigned so = j % FL_STAGES * STAGE;
+#endif
             // S = Q·Kᵀ: 32 rows × FL_BN positions.
             float s[2][NS][4];
 #pragma unroll
@@ -465,6 +556,9 @@ extern "C" __global__ void __launch_bounds__(32 * FL_W, 8 / FL_W) attention_flas
                     lt += __shfl_xor_sync(0xffffffffu, lt, 1);
                     lt += __shfl_xor_sync(0xffffffffu, lt, 2);
                     float inv = lt > 0.f ? __frcp_rn(lt) : 0.f;
+#if KV_FP8
+                    inv *= vscale;
+#endif
                     int row = gr + 8 * h;
                     if (row >= n) continue;
                     float* op = out + ((long)(f + row) * heads + head) * ATT_D + 2 * c;

@@ -123,11 +123,13 @@ extern "C" __global__ void dequant_fp8(bf16_t* out, const fp8_t* w, const float*
 // first, then kv heads): optional per-head RMSNorm, NeoX rotary on the
 // first rot dims; the warp of kv head j then writes K and V head j into the
 // cache. (One block per token doing every head took ~21 µs per layer at
-// batch 1 on H200: 104 heads on one SM.)
+// batch 1 on H200: 104 heads on one SM.) An e4m3 cache (KV = fp8_t) holds
+// e4m3(x / scale), ks and vs being its K and V scales (unused otherwise).
 template <typename KV>
 __device__ void qk_norm_rope_kv_impl(float* q, float* k, const float* v, const float* qn, const float* kn, float eps,
                                      int heads, int kvheads, int D, int rot, double theta, const int* positions,
-                                     const int* slots, long nslots, KV* kc, KV* vc, int* err) {
+                                     const int* slots, long nslots, KV* kc, KV* vc, int* err, float ks = 1.f,
+                                     float vs = 1.f) {
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     float pos = (float)positions[t];
     int half = rot / 2;
@@ -170,7 +172,10 @@ __device__ void qk_norm_rope_kv_impl(float* q, float* k, const float* v, const f
     const float* vr = v + (long)t * n + (long)j * D;
     long o = slot * n + (long)j * D;
     for (int i = lane; i < D; i += 32) {
-        if (sizeof(KV) == 2) {
+        if (sizeof(KV) == 1) {
+            ((fp8_t*)kc)[o + i] = f2fp8(__fdiv_rn(x[i], ks));
+            ((fp8_t*)vc)[o + i] = f2fp8(__fdiv_rn(vr[i], vs));
+        } else if (sizeof(KV) == 2) {
             ((bf16_t*)kc)[o + i] = f2bf(x[i]);
             ((bf16_t*)vc)[o + i] = f2bf(vr[i]);
         } else {
@@ -196,6 +201,15 @@ extern "C" __global__ void qk_norm_rope_kv_bf16(float* q, float* k, const float*
     pdl_start();
     qk_norm_rope_kv_impl<bf16_t>(q, k, v, qn, kn, eps, heads, kvheads, D, rot, theta, positions, slots, nslots, kc,
                                  vc, err);
+}
+
+extern "C" __global__ void qk_norm_rope_kv_fp8(float* q, float* k, const float* v, const float* qn, const float* kn,
+                                               float eps, int heads, int kvheads, int D, int rot, double theta,
+                                               const int* positions, const int* slots, long nslots, fp8_t* kc,
+                                               fp8_t* vc, int* err, float ks, float vs) {
+    pdl_start();
+    qk_norm_rope_kv_impl<fp8_t>(q, k, v, qn, kn, eps, heads, kvheads, D, rot, theta, positions, slots, nslots, kc, vc,
+                                err, ks, vs);
 }
 
 // route: GLM-4.5's sigmoid router, one warp per token (E ≤ 512, G ≤ 64).

@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/node"
+	"github.com/glmtopo/glmtopo/parallel"
+	"github.com/glmtopo/glmtopo/serve"
+	"github.com/glmtopo/glmtopo/transport/tcp"
+	"github.com/glmtopo/glmtopo/transport/telemetry"
+)
+
+// nodeRuntime runs this host's stage of each active plan: the head (stage
+// 0) loads the embedding, its layers, lm_head and MTP, connects the ring
+// and serves the OpenAI API; the other stages run their layers. A new plan
+// epoch stops the old stage first.
+type nodeRuntime struct {
+	cfg         serve.Config
+	loadFormat  *string
+	overrides   *string
+	tokenizer   *string
+	backend     backendFlags
+	mem         memoryFlags
+	stepTimeout *time.Duration
+	micro       *int
+	links       *telemetry.Registry // the data-plane links of every epoch's stage
+
+	mu     sync.Mutex
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+var _ node.Runtime = (*nodeRuntime)(nil)
+
+func (r *nodeRuntime) AddFlags(fs *flag.FlagSet) {
+	r.links = telemetry.NewRegistry()
+	r.cfg = serve.DefaultConfig()
+	r.cfg.RegisterFlags(fs)
+	r.loadFormat = fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights), for the stages this host runs")
+	r.overrides = fs.String("hf-overrides", "", "JSON object merged into config.json (the same on every host)")
+	r.tokenizer = fs.String("tokenizer", "", "the head's tokenizer.json (default: the model directory's)")
+	r.backend = addBackendFlags(fs)
+	r.mem = addMemoryFlags(fs, 2048)
+	r.stepTimeout = fs.Duration("pipeline-step-timeout", 5*time.Second, "a step no stage answers within this fails with its requests")
+	r.micro = fs.Int("pipeline-micro-batches", -1, "micro-batches the head keeps in the pipeline (-1: one per stage; 1: one at a time)")
+}
+
+// Activate stops the previous epoch's stage and starts this one's.
+func (r *nodeRuntime) Activate(plan node.ClusterPlan, mine node.StageAssignment, opts *node.Options) {
+	r.stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	r.mu.Lock()
+	r.cancel, r.done = cancel, done
+	r.mu.Unlock()
+	log := opts.Logger.With("epoch", plan.Epoch, "stage", mine.Stage, "layers", fmt.Sprintf("[%d,%d)", mine.Layers[0], mine.Layers[1]))
+	go func() {
+		defer close(done)
+		opts.Stages.Set(plan.Epoch, node.StageLoading, "")
+		if err := r.run(ctx, plan, mine, opts, log); err != nil && ctx.Err() == nil {
+			log.Error("stage stopped", "err", err)
+			opts.Stages.Set(plan.Epoch, node.StageFailed, err.Error())
+		}
+	}()
+}
+
+func (r *nodeRuntime) Close() { r.stop() }
+
+func (r *nodeRuntime) stop() {
+	r.mu.Lock()
+	cancel, done := r.cancel, r.done
+	r.cancel, r.done = nil, nil
+	r.mu.Unlock()
+	if cancel == nil {
+		return
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(r.cfg.ShutdownTimeout + 10*time.Second):
+		slog.Error("the previous plan's stage did not stop")
+	}
+}
+
+func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.StageAssignment, opts *node.Options, log *slog.Logger) error {
+	src := parallel.ModelSource{Path: opts.Model, LoadFormat: *r.loadFormat, HFOverrides: *r.overrides}
+	S := len(plan.Stages)
+	if S > 1 && opts.DataAddr == "" {
+		return errors.New("a pipeline of several hosts needs --data-listen on every host")
+	}
+	be, kvDType, err := r.backend.open()
+	if err != nil {
+		return err
+	}
+	defer be.Close()
+	key := tcp.Config{Name: opts.Name, Key: []byte(opts.PSK), Registry: r.links}
+	if key.Name == "" {
+		key.Name = fmt.Sprintf("stage%d", mine.Stage)
+	}
+	if mine.Stage == 0 {
+		return r.runHead(ctx, src, be, kvDType, plan.Epoch, mine, S, opts, key, log)
+	}
+	next, err := nextDataAddr(plan, mine)
+	if err != nil {
+		return err
+	}
+	st, closeStage, err := parallel.OpenStage(ctx, src, be, mine.Layers[0], mine.Layers[1], nil)
+	if err != nil {
+		return err
+	}
+	defer closeStage()
+	l, err := parallel.ListenStage(opts.DataAddr, key)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	log.Info("stage ready", "listen", l.Addr().String(), "next", next)
+	opts.Stages.Set(plan.Epoch, node.StageReady, "")
+	return l.Serve(ctx, st, next)
+}
+
+// nextDataAddr is where stage mine sends its rows: the next stage, or the
+// head (known from stage 1's previous neighbour) for the last one.
+func nextDataAddr(plan node.ClusterPlan, mine node.StageAssignment) (string, error) {
+	if mine.Next != nil {
+		if mine.Next.DataAddr == "" {
+			return "", fmt.Errorf("stage %d's next host %s has no --data-listen", mine.Stage, mine.Next.Name)
+		}
+		return mine.Next.DataAddr, nil
+	}
+	for _, s := range plan.Stages {
+		if s.Stage == 1 && s.Prev != nil && s.Prev.DataAddr != "" {
+			return s.Prev.DataAddr, nil
+		}
+	}
+	return "", errors.New("the plan names no head data address (stage 1's previous host has no --data-listen)")
+}
+
+func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be kernels.Backend, kvDType kernels.DType, epoch uint64,
+	mine node.StageAssignment, S int, opts *node.Options, key tcp.Config, log *slog.Logger) error {
+	opt := parallel.EngineOptions{}
+	if err := r.mem.apply(&opt, kvDType, r.cfg.MaxNumSeqs, r.cfg.MaxModelLen); err != nil {
+		return err
+	}
+	var eng *parallel.Engine
+	if S == 1 {
+		e, closeEngine, err := parallel.Open(ctx, src, be, opt, nil)
+		if err != nil {
+			return err
+		}
+		defer closeEngine()
+		eng = e
+	} else {
+		if mine.Next == nil || mine.Next.DataAddr == "" {
+			return errors.New("the head's next stage has no --data-listen")
+		}
+		opt.EnforceEager = true // steps leave the process mid-forward: no decode graphs
+		e, closeHead, err := parallel.OpenHead(ctx, src, be, mine.Layers[1], opt, nil)
+		if err != nil {
+			return err
+		}
+		defer closeHead()
+		l, err := parallel.ListenHead(opts.DataAddr, key)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		ring, err := parallel.ConnectRingTCP(cctx, e, l, mine.Next.DataAddr, parallel.RingOptions{StepTimeout: *r.stepTimeout, MicroBatches: *r.micro})
+		cancel()
+		if err != nil {
+			return err
+		}
+		defer ring.Close()
+		eng = e
+		log.Info("pipeline connected: every stage is ready", "stages", S)
+	}
+	tok, err := loadTokenizer(*r.tokenizer, src)
+	if err != nil {
+		return err
+	}
+	cfg := r.cfg
+	if len(cfg.ServedModelNames) == 0 {
+		cfg.ServedModelNames = []string{filepath.Base(filepath.Clean(opts.Model))}
+	}
+	sched := parallel.NewScheduler(eng, parallel.SchedulerOptions{MaxNumSeqs: cfg.MaxNumSeqs, MaxWaiting: cfg.MaxWaiting,
+		MaxModelLen: cfg.MaxModelLen, PrefillTokens: *r.mem.batched})
+	defer sched.Close()
+	srv, err := serve.NewServer(cfg, sched, tok, log)
+	if err != nil {
+		return err
+	}
+	if S > 1 {
+		if err := srv.RegisterCollector(telemetry.NewCollector(r.links)); err != nil {
+			return err
+		}
+	}
+	log.Info("serving", "addr", cfg.Addr(), "stages", S)
+	opts.Stages.Set(epoch, node.StageReady, "")
+	return srv.ListenAndServe(ctx)
+}
+
+// Links reports this host's data-plane links for `glmtopo status`.
+func (r *nodeRuntime) Links() []node.LinkStatus {
+	if r.links == nil {
+		return nil
+	}
+	snaps := r.links.Snapshots()
+	out := make([]node.LinkStatus, 0, len(snaps))
+	for _, s := range snaps {
+		l := node.LinkStatus{Link: s.Link, Peer: s.Peer, BytesSent: s.BytesSent, BytesRecv: s.BytesRecv,
+			MsgsSent: s.MsgsSent, MsgsRecv: s.MsgsRecv, SendP50us: s.SendP50us, SendP99us: s.SendP99us,
+			RecvP50us: s.RecvP50us, RecvP99us: s.RecvP99us}
+		if w := s.Wire; w != nil {
+			l.WireSource, l.WireBytesSent, l.WireBytesRecv, l.Retransmits = w.Source, w.BytesSent, w.BytesRecv, w.Retransmits
+		}
+		out = append(out, l)
+	}
+	return out
+}

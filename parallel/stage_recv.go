@@ -1,0 +1,143 @@
+package parallel
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/glmtopo/glmtopo/transport"
+)
+
+// With several micro-batches in flight the head must read the last
+// stage's answers while it writes the next micro-batch: a link carries a
+// message larger than the sockets' buffers only while its reader runs, so
+// a head that wrote micro-batch 2 before reading micro-batch 1's rows
+// would wait on a stage that waits on the head (each blocked in a write).
+// ringReceiver reads the return link on its own goroutine, always, into a
+// queue as deep as the micro-batches that may be in flight: the ring's
+// answers never wait on the head's sends.
+
+// ringAnswer is one message from the last stage, or the error that ended
+// the reading.
+type ringAnswer struct {
+	m   *transport.Message
+	err error
+	at  time.Time // when it was read
+}
+
+type ringReceiver struct {
+	in      transport.Link
+	answers chan ringAnswer         // read, not yet taken by Ring.recv
+	free    chan *transport.Message // buffers Ring.recv is done with
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+// startRingReceiver reads in until it fails or stop is called. depth is
+// the most answers outstanding at once (the micro-batches in flight): the
+// queue holds them all, so the goroutine never blocks the link.
+func startRingReceiver(in transport.Link, depth int) *ringReceiver {
+	depth = max(depth, 1) + 1
+	ctx, cancel := context.WithCancel(context.Background())
+	rr := &ringReceiver{in: in, answers: make(chan ringAnswer, depth), free: make(chan *transport.Message, depth),
+		cancel: cancel, done: make(chan struct{})}
+	for range depth {
+		rr.free <- &transport.Message{}
+	}
+	go rr.run(ctx)
+	return rr
+}
+
+func (rr *ringReceiver) run(ctx context.Context) {
+	defer close(rr.done)
+	for {
+		var m *transport.Message
+		select {
+		case m = <-rr.free:
+		case <-ctx.Done():
+			return
+		}
+		err := rr.in.Recv(ctx, m)
+		a := ringAnswer{m: m, err: err, at: time.Now()}
+		if err != nil {
+			a.m = nil
+		}
+		select {
+		case rr.answers <- a:
+		case <-ctx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// next waits up to timeout for the next answer. A timeout leaves the
+// goroutine reading (the ring is broken then and stop ends it).
+func (rr *ringReceiver) next(timeout time.Duration) (ringAnswer, error) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case a := <-rr.answers:
+		if a.err != nil {
+			// Keep the error for any later call as well.
+			rr.answers <- a
+		}
+		return a, a.err
+	case <-t.C:
+		return ringAnswer{}, context.DeadlineExceeded
+	}
+}
+
+// release hands a message's buffers back for the next read.
+func (rr *ringReceiver) release(m *transport.Message) {
+	if m != nil {
+		rr.free <- m
+	}
+}
+
+// stop ends the goroutine (closing the link is the caller's) and waits
+// for it; a second call returns at once.
+func (rr *ringReceiver) stop() {
+	rr.cancel()
+	<-rr.done
+}
+
+// StageStats are an executor stage's counters: where its time went.
+type StageStats struct {
+	Steps int64         // steps with hidden rows run (not the configuration, not header-only steps)
+	Busy  time.Duration // running its layers
+	// Idle is the time it waited for its next input with nothing to run:
+	// the stage's bubble.
+	Idle time.Duration
+	// RecvWait sums the reads of its input link (from the start of a read
+	// to the message's arrival), overlapped with running and writing.
+	RecvWait time.Duration
+}
+
+type stageStats struct {
+	mu sync.Mutex
+	s  StageStats
+}
+
+func (t *stageStats) ran(idle, busy time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.s.Steps++
+	t.s.Idle += idle
+	t.s.Busy += busy
+}
+
+func (t *stageStats) received(wait time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.s.RecvWait += wait
+}
+
+// Stats returns the stage's counters; safe while it serves.
+func (s *Stage) Stats() StageStats {
+	s.stats.mu.Lock()
+	defer s.stats.mu.Unlock()
+	return s.stats.s
+}
