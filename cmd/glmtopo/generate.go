@@ -13,9 +13,8 @@ import (
 
 func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("generate", stderr)
-	dir := fs.String("model", "", "checkpoint directory, or with --load-format dummy a preset name (required)")
-	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights of the config's shapes, as vLLM's)")
-	overrides := fs.String("hf-overrides", "", `JSON object merged into config.json, e.g. '{"num_hidden_layers": 4}' (as vLLM's)`)
+	model := addSourceFlags(fs, "checkpoint directory, or with --load-format dummy a preset name (required)")
+	dir := model.path
 	ids := fs.String("prompt-ids", "", "comma-separated prompt token ids (required)")
 	maxNew := fs.Int("max-new-tokens", 16, "tokens to generate (at least 1)")
 	temp := fs.Float64("temperature", 0, "sampling temperature (0 = greedy)")
@@ -55,7 +54,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer be.Close()
-	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
+	src := model.source()
 	if err := checkHostMemory(be, src); err != nil {
 		return err
 	}

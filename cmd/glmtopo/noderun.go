@@ -24,8 +24,7 @@ import (
 // epoch stops the old stage first.
 type nodeRuntime struct {
 	cfg         serve.Config
-	loadFormat  *string
-	overrides   *string
+	model       sourceFlags // --load-format, --hf-overrides (--model is the daemon's)
 	tokenizer   *string
 	backend     backendFlags
 	mem         memoryFlags
@@ -44,8 +43,7 @@ func (r *nodeRuntime) AddFlags(fs *flag.FlagSet) {
 	r.links = telemetry.NewRegistry()
 	r.cfg = serve.DefaultConfig()
 	r.cfg.RegisterFlags(fs)
-	r.loadFormat = fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights), for the stages this host runs")
-	r.overrides = fs.String("hf-overrides", "", "JSON object merged into config.json (the same on every host)")
+	r.model = addSourceFlags(fs, "")
 	r.tokenizer = fs.String("tokenizer", "", "the head's tokenizer.json (default: the model directory's)")
 	r.backend = addBackendFlags(fs)
 	r.mem = addMemoryFlags(fs, 2048)
@@ -91,7 +89,7 @@ func (r *nodeRuntime) stop() {
 }
 
 func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.StageAssignment, opts *node.Options, log *slog.Logger) error {
-	src := parallel.ModelSource{Path: opts.Model, LoadFormat: *r.loadFormat, HFOverrides: *r.overrides}
+	src := r.model.at(opts.Model)
 	S := len(plan.Stages)
 	if S > 1 && opts.DataAddr == "" {
 		return errors.New("a pipeline of several hosts needs --data-listen on every host")

@@ -21,10 +21,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs := newFlags("serve", stderr)
 	cfg := serve.DefaultConfig()
 	cfg.RegisterFlags(fs)
-	dir := fs.String("model", "", "checkpoint directory with config.json, shards and tokenizer.json, or with --load-format dummy a preset name (required)")
+	model := addSourceFlags(fs, "checkpoint directory with config.json, shards and tokenizer.json, or with --load-format dummy a preset name (required)")
+	dir := model.path
 	tokDir := fs.String("tokenizer", "", "directory or tokenizer.json (default: the model directory; the tiny presets carry theirs)")
-	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy (generated weights of the config's shapes, as vLLM's)")
-	overrides := fs.String("hf-overrides", "", `JSON object merged into config.json, e.g. '{"num_hidden_layers": 4}' (as vLLM's)`)
 	backend := addBackendFlags(fs)
 	mem := addMemoryFlags(fs, 2048)
 	eager := fs.Bool("enforce-eager", false, "run every step kernel by kernel: no CUDA graphs for decode steps (as vLLM's --enforce-eager)")
@@ -54,7 +53,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
+	src := model.source()
 	modelCfg, err := src.Config()
 	if err != nil {
 		return err

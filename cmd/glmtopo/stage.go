@@ -21,9 +21,8 @@ import (
 // `glmtopo serve --pipeline-head-layers K ...`.
 func runStage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("stage", stderr)
-	dir := fs.String("model", "", "checkpoint directory, or with --load-format dummy a preset name (required; the head's)")
-	loadFormat := fs.String("load-format", "auto", "auto (the checkpoint) or dummy")
-	overrides := fs.String("hf-overrides", "", "JSON object merged into config.json (the head's)")
+	model := addSourceFlags(fs, "checkpoint directory, or with --load-format dummy a preset name (required; the head's, as are the other two)")
+	dir := model.path
 	layers := fs.String("layers", "", "the stage's decoder layers FIRST:END (required)")
 	listen := fs.String("listen", "127.0.0.1:0", "address the previous stage (or the head) dials")
 	next := fs.String("next", "", "address of the next stage, or of the head's --pipeline-listen for the last stage (required)")
@@ -53,7 +52,7 @@ func runStage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer be.Close()
-	src := parallel.ModelSource{Path: *dir, LoadFormat: *loadFormat, HFOverrides: *overrides}
+	src := model.source()
 	st, closeStage, err := parallel.OpenStage(ctx, src, be, first, end, progress(stderr, "load"))
 	if err != nil {
 		return err
