@@ -67,7 +67,7 @@ func AttachRxFilter(c syscall.Conn) (*RxFilter, error) {
 // return value is the length to keep, 0 drops).
 func rxFilterInsns(mapFD int) asm.Instructions {
 	const lenOff = 0 // offsetof(struct __sk_buff, len)
-	return asm.Instructions{
+	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
 		asm.LoadMem(asm.R7, asm.R6, lenOff, asm.Word),
 		// bpf_skb_load_bytes(skb, 12, fp-8, 1): the TCP header's data offset byte.
@@ -87,25 +87,29 @@ func rxFilterInsns(mapFD int) asm.Instructions {
 		// counts[0] += payload
 		asm.Mov.Imm(asm.R0, 0).WithSymbol("count"),
 		asm.StoreMem(asm.RFP, -4, asm.R0, asm.Word),
-		asm.LoadMapPtr(asm.R1, mapFD),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, -4),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "keep"),
-		asm.StoreXAdd(asm.R0, asm.R7, asm.DWord),
-		// counts[1] += 1
+	}
+	insns = append(insns, mapAdd(mapFD, -4, asm.R7, "keep")...)
+	insns = append(insns, // counts[1] += 1 (R8: callee-saved, kept across the lookup)
 		asm.Mov.Imm(asm.R0, 1),
 		asm.StoreMem(asm.RFP, -4, asm.R0, asm.Word),
+		asm.Mov.Imm(asm.R8, 1))
+	insns = append(insns, mapAdd(mapFD, -4, asm.R8, "keep")...)
+	return append(insns,
+		asm.Mov.Imm32(asm.R0, -1).WithSymbol("keep"),
+		asm.Return())
+}
+
+// mapAdd adds register v (callee-saved: R6–R9) to the map value whose key
+// is at fp+keyOff, jumping to skip when the key has no value.
+func mapAdd(mapFD int, keyOff int16, v asm.Register, skip string) asm.Instructions {
+	insns := asm.Instructions{
 		asm.LoadMapPtr(asm.R1, mapFD),
 		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, -4),
+		asm.Add.Imm(asm.R2, int32(keyOff)),
 		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "keep"),
-		asm.Mov.Imm(asm.R1, 1),
-		asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
-		asm.Mov.Imm32(asm.R0, -1).WithSymbol("keep"),
-		asm.Return(),
+		asm.JEq.Imm(asm.R0, 0, skip),
 	}
+	return append(insns, asm.StoreXAdd(asm.R0, v, asm.DWord))
 }
 
 // Read returns the payload bytes and segments counted so far.
@@ -212,7 +216,7 @@ func skcNumOffset() (int32, error) {
 // retransInsns: sk = args[0]; port = *(u16*)(sk + off) via
 // bpf_probe_read_kernel; ports[port]++ when present.
 func retransInsns(mapFD int, off int32) asm.Instructions {
-	return asm.Instructions{
+	insns := asm.Instructions{
 		asm.LoadMem(asm.R3, asm.R1, 0, asm.DWord), // args[0]: struct sock *
 		asm.Add.Imm(asm.R3, off),
 		asm.Mov.Imm(asm.R0, 0),
@@ -222,16 +226,12 @@ func retransInsns(mapFD int, off int32) asm.Instructions {
 		asm.Mov.Imm(asm.R2, 2),
 		asm.FnProbeReadKernel.Call(),
 		asm.JNE.Imm(asm.R0, 0, "out"),
-		asm.LoadMapPtr(asm.R1, mapFD),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, -8),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "out"),
-		asm.Mov.Imm(asm.R1, 1),
-		asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
-		asm.Mov.Imm(asm.R0, 0).WithSymbol("out"),
-		asm.Return(),
+		asm.Mov.Imm(asm.R8, 1),
 	}
+	insns = append(insns, mapAdd(mapFD, -8, asm.R8, "out")...)
+	return append(insns,
+		asm.Mov.Imm(asm.R0, 0).WithSymbol("out"),
+		asm.Return())
 }
 
 // Watch starts counting retransmissions of the socket bound to c's local port.
