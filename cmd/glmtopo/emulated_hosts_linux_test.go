@@ -5,16 +5,21 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/glmtopo/glmtopo/node"
 )
@@ -46,8 +51,10 @@ const (
 func emuAddr(i int) string { return fmt.Sprintf("%s%d", emuNet, i+1) }
 
 // emuHosts creates n network namespaces joined by veths on a bridge that
-// also carries the test's address (10.78.0.254), with 1 ms netem delay on
-// each host's veth where the kernel has sch_netem. Cleanup removes them.
+// also carries the test's address (10.78.0.254), with 1 ms delay on each
+// host's veth: tc netem, or where the kernel has no sch_netem the NFQUEUE
+// delay line of scripts/netns.sh. It checks that the delay is in effect (a
+// TCP ping-pong between two namespaces takes ≥ 2 ms). Cleanup removes them.
 func emuHosts(t *testing.T, n int) {
 	t.Helper()
 	emuDown(n)
@@ -61,7 +68,7 @@ func emuHosts(t *testing.T, n int) {
 	sh("link", "add", emuBridge, "type", "bridge")
 	sh("addr", "add", emuNet+"254/24", "dev", emuBridge)
 	sh("link", "set", emuBridge, "up")
-	delayed := 0
+	how := "tc netem"
 	for i := range n {
 		ns, h, b := fmt.Sprint(emuNS, i), fmt.Sprint(emuVeth, i), fmt.Sprint(emuPort, i)
 		sh("netns", "add", ns)
@@ -72,18 +79,92 @@ func emuHosts(t *testing.T, n int) {
 		sh("-n", ns, "link", "set", h, "up")
 		sh("-n", ns, "link", "set", "lo", "up")
 		if err := exec.Command("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", h, "root", "netem", "delay", "1ms").Run(); err == nil {
-			delayed++
+			continue
+		}
+		how = "NFQUEUE delay line (no sch_netem)"
+		if out, err := exec.Command(emuNetnsScript, "delay", ns, h, "1ms").CombinedOutput(); err != nil {
+			t.Fatalf("no tc netem here and %s delay failed: %v\n%s", emuNetnsScript, err, bytes.TrimSpace(out))
 		}
 	}
-	if delayed == n {
-		t.Logf("%d emulated hosts on %s, 1 ms netem delay each way", n, emuBridge)
-	} else {
-		t.Logf("%d emulated hosts on %s; no tc netem here (kernel without sch_netem?): delay not emulated", n, emuBridge)
+	rtt := emuRTT(t, 21)
+	t.Logf("%d emulated hosts on %s, 1 ms delay each way by %s: median TCP ping-pong h0↔h1 %v", n, emuBridge, how, rtt)
+	if rtt < 2*time.Millisecond {
+		t.Fatalf("median TCP ping-pong RTT between the namespaces %v, want ≥ 2 ms under 1 ms delay each way", rtt)
 	}
+}
+
+// emuNetnsScript provides the delay line where netem is missing.
+const emuNetnsScript = "../../scripts/netns.sh"
+
+// emuInNetns runs fn on an OS thread moved into network namespace ns, so
+// that the sockets fn opens live there; the thread is retired afterwards.
+func emuInNetns(ns string, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // no Unlock: the thread ends with the goroutine
+		f, err := os.Open("/run/netns/" + ns)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("setns %s: %w", ns, err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
+// emuRTT is the median of n one-byte TCP round trips from namespace 1 to an
+// echo server in namespace 0.
+func emuRTT(t *testing.T, n int) time.Duration {
+	t.Helper()
+	var ln net.Listener
+	if err := emuInNetns(emuNS+"0", func() (err error) {
+		ln, err = net.Listen("tcp", emuAddr(0)+":0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	var c net.Conn
+	if err := emuInNetns(emuNS+"1", func() (err error) {
+		c, err = net.DialTimeout("tcp", ln.Addr().String(), 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	rtts := make([]time.Duration, n)
+	b := []byte{0}
+	for i := range rtts {
+		start := time.Now()
+		if _, err := c.Write(b); err != nil {
+			t.Fatalf("ping-pong %d: %v", i, err)
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			t.Fatalf("ping-pong %d: %v", i, err)
+		}
+		rtts[i] = time.Since(start)
+	}
+	slices.Sort(rtts)
+	return rtts[n/2]
 }
 
 func emuDown(n int) {
 	for i := range n + 2 { // a few more: a crashed earlier run may have used more
+		exec.Command(emuNetnsScript, "undelay", fmt.Sprint(emuNS, i)).Run() // before its namespace goes
 		exec.Command("ip", "link", "del", fmt.Sprint(emuPort, i)).Run()
 		exec.Command("ip", "netns", "del", fmt.Sprint(emuNS, i)).Run()
 	}
@@ -343,8 +424,8 @@ func openStream(ctx context.Context, client *http.Client, url string, maxTokens 
 }
 
 // TestEmulatedHostsNodeLoss is issue 15's "emulated hosts in CI": three
-// daemons, each in its own network namespace (veths on a bridge, 1 ms netem
-// delay where the kernel has it), form a cluster and run the tiny model's
+// daemons, each in its own network namespace (veths on a bridge, 1 ms delay
+// each way: tc netem, or scripts/netns.sh's NFQUEUE delay line), form a cluster and run the tiny model's
 // three pipeline stages on the CPU. The head serves 64 concurrent streams,
 // all of which complete. Then the middle daemon is SIGKILLed while streams
 // are open: every one ends with an error event within 5 s, the cluster says

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -40,8 +42,55 @@ func inNetns(ns string, fn func() error) error {
 	return <-errc
 }
 
+// netnsRTT is the median of n one-byte TCP round trips from glmtopo-ns1 to
+// an echo server in glmtopo-ns0 (a lost segment's retransmission only moves
+// the tail, not the median).
+func netnsRTT(t *testing.T, n int) time.Duration {
+	t.Helper()
+	var ln net.Listener
+	if err := inNetns("glmtopo-ns0", func() (err error) {
+		ln, err = net.Listen("tcp", "10.77.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	var c net.Conn
+	if err := inNetns("glmtopo-ns1", func() (err error) {
+		c, err = net.DialTimeout("tcp", ln.Addr().String(), 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	rtts := make([]time.Duration, n)
+	b := []byte{0}
+	for i := range rtts {
+		start := time.Now()
+		if _, err := c.Write(b); err != nil {
+			t.Fatalf("ping-pong %d: %v", i, err)
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			t.Fatalf("ping-pong %d: %v", i, err)
+		}
+		rtts[i] = time.Since(start)
+	}
+	slices.Sort(rtts)
+	return rtts[n/2]
+}
+
 // TestNetnsLoss: two emulated hosts (scripts/netns.sh: namespaces on a
-// bridge, 1% of packets dropped each way). 64 MiB of 1 MiB messages arrive
+// bridge, 1 ms delay and 1% of packets dropped each way; the delay's RTT is
+// checked first). 64 MiB of 1 MiB messages arrive
 // intact; the eBPF socket filter's count of TCP payload bytes arriving at
 // the receiver agrees with the bytes sent within 1%; retransmissions
 // happened and the eBPF probe saw them. Skips without root / ip netns.
@@ -59,6 +108,13 @@ func TestNetnsLoss(t *testing.T) {
 		t.Logf("%s", bytes.TrimSpace(out))
 	}
 	t.Cleanup(func() { exec.Command(script, "down").Run() })
+	// The delay is really there (netem, or the NFQUEUE delay line where the
+	// kernel has no netem): each way crosses one delayed veth.
+	if rtt := netnsRTT(t, 21); rtt < 2*time.Millisecond {
+		t.Fatalf("median TCP ping-pong RTT between the namespaces %v, want ≥ 2 ms under 1 ms delay each way", rtt)
+	} else {
+		t.Logf("median TCP ping-pong RTT between the namespaces: %v", rtt)
+	}
 	if err := telemetry.BPFAvailable(); err != nil {
 		t.Logf("no eBPF here (%v): checking delivery only", err)
 	}
