@@ -3,7 +3,7 @@
 #   scripts/gpu-session.sh pack              here: build every GPU binary (CGO off, stripped) into .gpu/bin.tgz
 #   scripts/gpu-session.sh run S1 [S2 ...]   on the GPU host (carry .gpu): unpack, run each scripts/S.sh run-step,
 #                                            logs of all of them packed into $OUT/logs.tgz (the device returns 8 files)
-# S is one of: kvfp8 fp8twin transport mtp memplan pipeline suite (suite: every GPU test of kernels/cuda and parallel).
+# S is one of: kvfp8 fp8twin transport collective mtp memplan pipeline pipelinemps (under the MPS daemon) suite (suite: every GPU test of kernels/cuda and parallel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,8 +41,10 @@ run() {
 			-test.run 'TestFP8AttentionTwin|TestFP8FlashAttentionTwin|TestFP8KVWriteTwin' >"$OUT/fp8twin.log" 2>&1; echo "rc=$?";
 			grep -E -- '^(--- |    --- )(PASS|FAIL)' "$OUT/fp8twin.log" | head -40) ;;
 		transport) bash scripts/gpu-transport.sh run ;;
+		collective) bash scripts/gpu-collective.sh run ;;
 		mtp) bash scripts/gpu-mtp.sh run ;;
 		pipeline) bash scripts/gpu-pipeline.sh run ;;
+		pipelinemps) MPS=1 bash scripts/gpu-pipeline.sh run ;;
 		memplan) bash scripts/gpu-memplan.sh ;;
 		suite) (. scripts/gpu-lib.sh && gpu_tests) ;;
 		*) echo "unknown step $s" ;;

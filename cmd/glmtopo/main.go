@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/glmtopo/glmtopo/bench"
+	collectivebench "github.com/glmtopo/glmtopo/bench/collective"
 	"github.com/glmtopo/glmtopo/bench/step"
 	"github.com/glmtopo/glmtopo/node"
 
@@ -43,6 +44,7 @@ func commands() map[string]command {
 		"bench serve":      {"benchmark an OpenAI-compatible server like vllm bench serve", bench.RunServe},
 		"bench step":       {"time prefill and decode steps on a GPU against the HBM and GEMM roofline", step.Run},
 		"bench transport":  {"latency and bandwidth of the stage-to-stage links (TCP, NCCL) against raw TCP", runBenchTransport},
+		"bench collective": {"NCCL all-reduce, all-gather, reduce-scatter and all-to-all-v at decode and prefill sizes (nccl-tests busbw)", collectivebench.Run},
 		"plan":             {"fit, placement and predicted throughput of a model on a set of hosts", runPlan},
 		"version":          {"print the version", runVersion},
 	}

@@ -207,11 +207,42 @@ type Op struct {
 }
 
 // Enqueue queues ops as one NCCL group on stream and returns without waiting
-// for the transfer (so a CUDA graph capture can record it). A non-blocking
+// for the transfer (so a CUDA graph capture can record it). Counts are
+// bytes (ncclUint8).
+func (c *Comm) Enqueue(ctx context.Context, stream uintptr, ops ...Op) error {
+	for i, op := range ops {
+		if op.Peer < 0 || op.Peer >= c.nranks || op.Bytes < 0 || op.Buf == 0 && op.Bytes > 0 {
+			return fmt.Errorf("nccl send/recv: op %d: %d bytes at %#x with peer %d of %d ranks", i, op.Bytes, op.Buf, op.Peer, c.nranks)
+		}
+	}
+	return c.group(ctx, func() (int32, string) {
+		var res int32
+		var what string
+		for _, op := range ops {
+			if r, name := c.p2p(op.Send, op.Buf, op.Bytes, Uint8, op.Peer, stream); r != ncclSuccess && r != ncclInProgress {
+				res, what = r, name
+			}
+		}
+		return res, what
+	})
+}
+
+// p2p issues one ncclSend or ncclRecv of count elements of d.
+func (c *Comm) p2p(send bool, buf uintptr, count int64, d DType, peer int, stream uintptr) (int32, string) {
+	fn, name := c.l.recv, "ncclRecv"
+	if send {
+		fn, name = c.l.send, "ncclSend"
+	}
+	return call(fn, buf, uintptr(count), uintptr(d), uintptr(peer), c.c, stream), name
+}
+
+// group runs issue (NCCL calls on stream) between ncclGroupStart and
+// ncclGroupEnd on the device's thread; issue returns the first failing
+// call's result and name (ncclSuccess when none failed). A non-blocking
 // communicator launches each group on a helper thread of NCCL's (one
 // pthread_create per group) and answers ncclInProgress; that launch is
-// waited for under ctx.
-func (c *Comm) Enqueue(ctx context.Context, stream uintptr, ops ...Op) error {
+// waited for under ctx, and a failure or ctx's end aborts the communicator.
+func (c *Comm) group(ctx context.Context, issue func() (int32, string)) error {
 	c.enqueue.Lock()
 	defer c.enqueue.Unlock()
 	if c.aborted.Load() {
@@ -224,16 +255,7 @@ func (c *Comm) Enqueue(ctx context.Context, stream uintptr, ops ...Op) error {
 			res, what = r, "ncclGroupStart"
 			return nil
 		}
-		for _, op := range ops {
-			fn, name := c.l.recv, "ncclRecv"
-			if op.Send {
-				fn, name = c.l.send, "ncclSend"
-			}
-			r := call(fn, op.Buf, uintptr(op.Bytes), ncclUint8, uintptr(op.Peer), c.c, stream)
-			if r != ncclSuccess && r != ncclInProgress {
-				res, what = r, name
-			}
-		}
+		res, what = issue()
 		if r := call(c.l.groupEnd); res == ncclSuccess && r != ncclSuccess {
 			res, what = r, "ncclGroupEnd"
 		}
@@ -243,7 +265,7 @@ func (c *Comm) Enqueue(ctx context.Context, stream uintptr, ops ...Op) error {
 		return err
 	}
 	if res == ncclInProgress {
-		return c.waitReady(ctx, "ncclGroupEnd")
+		return c.waitReady(ctx, what)
 	}
 	if res != ncclSuccess {
 		c.abortBounded()

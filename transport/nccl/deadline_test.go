@@ -25,7 +25,8 @@ typedef struct { unsigned long size; unsigned magic, version; int blocking; } cf
 struct comm { volatile int aborted; };
 enum { JOINS = 0, PEER_MISSING = 1, FORCED_BLOCKING = 2, HANGING_ABORT = 3 };
 static volatile int mode, released, aborts, polls;
-void fake_set(int m) { mode = m; released = 0; aborts = 0; polls = 0; }
+static volatile int nrec, failfn;
+void fake_set(int m) { mode = m; released = 0; aborts = 0; polls = 0; nrec = 0; failfn = 0; }
 void fake_release(void) { __atomic_store_n(&released, 1, __ATOMIC_SEQ_CST); }
 int fake_aborts(void) { return __atomic_load_n(&aborts, __ATOMIC_SEQ_CST); }
 static void wait_release(void) { while (!__atomic_load_n(&released, __ATOMIC_SEQ_CST)) usleep(1000); }
@@ -59,10 +60,27 @@ int ncclCommAbort(struct comm *c) {
 const char *ncclGetErrorString(int r) { return "fake error"; }
 int ncclGetVersion(int *v) { *v = 21400; return 0; }
 int ncclGetUniqueId(ncclUniqueId *id) { return 0; }
-int ncclSend(void) { return 0; }
-int ncclRecv(void) { return 0; }
-int ncclGroupStart(void) { return 0; }
-int ncclGroupEnd(void) { return 0; }
+/* Every data call is recorded (coll_test.go reads the log back): which
+   function, its seven arguments as integers; fake_fail makes one of them
+   answer ncclInvalidArgument. */
+enum { F_SEND = 1, F_RECV, F_ALLREDUCE, F_ALLGATHER, F_REDUCESCATTER, F_GROUPSTART, F_GROUPEND };
+typedef struct { int fn; unsigned long a[7]; } rec_t;
+static rec_t recs[256];
+static int rec(int fn, unsigned long a0, unsigned long a1, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5, unsigned long a6) {
+	if (nrec < 256) { rec_t *r = &recs[nrec++]; r->fn = fn; r->a[0] = a0; r->a[1] = a1; r->a[2] = a2; r->a[3] = a3; r->a[4] = a4; r->a[5] = a5; r->a[6] = a6; }
+	return failfn == fn ? 4 : 0;
+}
+int fake_nrec(void) { return nrec; }
+long fake_rec(int i, int j) { return j < 0 ? recs[i].fn : (long)recs[i].a[j]; }
+void fake_fail(int fn) { failfn = fn; }
+int ncclSend(const void *b, unsigned long n, int dt, int peer, struct comm *c, void *s) { return rec(F_SEND, (unsigned long)b, n, dt, peer, (unsigned long)c, (unsigned long)s, 0); }
+int ncclRecv(void *b, unsigned long n, int dt, int peer, struct comm *c, void *s) { return rec(F_RECV, (unsigned long)b, n, dt, peer, (unsigned long)c, (unsigned long)s, 0); }
+int ncclAllReduce(const void *sb, void *rb, unsigned long n, int dt, int op, struct comm *c, void *s) { return rec(F_ALLREDUCE, (unsigned long)sb, (unsigned long)rb, n, dt, op, (unsigned long)c, (unsigned long)s); }
+int ncclAllGather(const void *sb, void *rb, unsigned long n, int dt, struct comm *c, void *s) { return rec(F_ALLGATHER, (unsigned long)sb, (unsigned long)rb, n, dt, (unsigned long)c, (unsigned long)s, 0); }
+int ncclReduceScatter(const void *sb, void *rb, unsigned long n, int dt, int op, struct comm *c, void *s) { return rec(F_REDUCESCATTER, (unsigned long)sb, (unsigned long)rb, n, dt, op, (unsigned long)c, (unsigned long)s); }
+int ncclGroupStart(void) { return rec(F_GROUPSTART, 0, 0, 0, 0, 0, 0, 0); }
+/* With a peer missing, a group's launch never leaves ncclInProgress. */
+int ncclGroupEnd(void) { int r = rec(F_GROUPEND, 0, 0, 0, 0, 0, 0, 0); return r ? r : mode == PEER_MISSING ? 7 : 0; }
 int ncclCommDestroy(struct comm *c) { return 0; }
 `
 
@@ -79,6 +97,9 @@ type fakeLib struct {
 	set     func(int32)
 	release func()
 	aborts  func() int32
+	nrec    func() int32
+	rec     func(i, j int32) int64
+	fail    func(fn int32)
 }
 
 var fakeLibs sync.Map // path → *fakeLib: a library loads once per process
@@ -105,7 +126,7 @@ func buildFake(t *testing.T, old bool) *fakeLib {
 	if out, err := exec.Command(gcc, args...).CombinedOutput(); err != nil {
 		t.Skipf("gcc: %v %s", err, out)
 	}
-	l, err := openLibAt([]string{so})
+	l, err := openLibAt([]string{so}, purego.RTLD_NOW|purego.RTLD_LOCAL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,6 +141,9 @@ func buildFake(t *testing.T, old bool) *fakeLib {
 	purego.RegisterLibFunc(&f.set, h, "fake_set")
 	purego.RegisterLibFunc(&f.release, h, "fake_release")
 	purego.RegisterLibFunc(&f.aborts, h, "fake_aborts")
+	purego.RegisterLibFunc(&f.nrec, h, "fake_nrec")
+	purego.RegisterLibFunc(&f.rec, h, "fake_rec")
+	purego.RegisterLibFunc(&f.fail, h, "fake_fail")
 	t.Cleanup(f.release) // never leave a C thread parked
 	return f
 }
@@ -219,7 +243,7 @@ func TestWaitAbortsAtDeadline(t *testing.T) {
 	if el := time.Since(t0); el > time.Second {
 		t.Fatalf("Wait returned after %v", el)
 	}
-	if err := c.Enqueue(context.Background(), 1, Op{Send: true, Bytes: 1}); err == nil {
-		t.Fatal("Enqueue on an aborted communicator succeeded")
+	if err := c.Enqueue(context.Background(), 1, Op{Send: true, Buf: 0x10, Bytes: 1}); err == nil || !strings.Contains(err.Error(), "aborted") {
+		t.Fatalf("Enqueue on an aborted communicator: %v", err)
 	}
 }

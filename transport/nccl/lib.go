@@ -38,13 +38,11 @@ const (
 	ncclInProgress = 7
 )
 
-// ncclUint8 is ncclDataType_t for bytes: counts are byte counts.
-const ncclUint8 = 1
-
 type lib struct {
 	getUniqueID, commInitRank, send, recv, groupStart, groupEnd uintptr
 	commAbort, commDestroy, getAsyncError, getErrorString       uintptr
 	getVersion                                                  uintptr
+	allReduce, allGather, reduceScatter                         uintptr
 	// 2.14+ (zero when older): ncclCommInitRankConfig, ncclGetLastError.
 	commInitRankConfig, getLastError uintptr
 }
@@ -85,16 +83,20 @@ func openLib() (*lib, error) {
 			tried = append(tried, p)
 		}
 	}
-	return openLibAt(tried)
+	return openLibAt(tried, purego.RTLD_NOW|purego.RTLD_GLOBAL)
 }
 
-// openLibAt loads the first of paths that opens and resolves NCCL's entry
-// points.
-func openLibAt(paths []string) (*lib, error) {
+// openLibAt loads the first of paths that opens (with dlopen flags) and
+// resolves NCCL's entry points. A stand-in library (the tests' fake NCCL)
+// must be opened RTLD_LOCAL: with RTLD_GLOBAL its ncclGroupEnd,
+// ncclCommGetAsyncError, ... would come first in the global scope and the
+// real libnccl's calls to its own exported functions would bind to them
+// (on the H200 every later real init failed with "internal error").
+func openLibAt(paths []string, flags int) (*lib, error) {
 	var h uintptr
 	err := errors.New("no path")
 	for _, p := range paths {
-		if h, err = purego.Dlopen(p, purego.RTLD_NOW|purego.RTLD_GLOBAL); err == nil {
+		if h, err = purego.Dlopen(p, flags); err == nil {
 			break
 		}
 	}
@@ -108,6 +110,7 @@ func openLibAt(paths []string) (*lib, error) {
 		"ncclCommAbort": &l.commAbort, "ncclCommDestroy": &l.commDestroy,
 		"ncclCommGetAsyncError": &l.getAsyncError, "ncclGetErrorString": &l.getErrorString,
 		"ncclGetVersion": &l.getVersion,
+		"ncclAllReduce":  &l.allReduce, "ncclAllGather": &l.allGather, "ncclReduceScatter": &l.reduceScatter,
 	} {
 		p, err := purego.Dlsym(h, name)
 		if err != nil {
