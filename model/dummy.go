@@ -24,7 +24,12 @@ func DummyWeights(c *Config, sel Selection, be kernels.Backend, seed uint64) (w 
 		p.PackWeights(true)
 		defer p.PackWeights(false)
 	}
-	d := &dummySource{c: c, be: be, fill: fl, seed: seed, specs: map[string]TensorSpec{}}
+	if sel.Shard != nil {
+		if err := sel.Shard.Validate(c); err != nil {
+			return nil, nil, fmt.Errorf("dummy weights: %w", err)
+		}
+	}
+	d := &dummySource{c: c, be: be, fill: fl, seed: seed, shard: sel.Shard, specs: map[string]TensorSpec{}}
 	for _, s := range c.Tensors() {
 		d.specs[s.Name] = s
 	}
@@ -53,8 +58,26 @@ type dummySource struct {
 	be    kernels.Backend
 	fill  kernels.Filler
 	seed  uint64
+	shard *Shard // a rank's slices (shard.go); nil: whole tensors
 	specs map[string]TensorSpec
 	made  []*kernels.Tensor
+}
+
+// cut is spec s's shape on this rank and its fill seed. A slice's values
+// are not the whole tensor's (the backend fills a tensor from one seed, as
+// vLLM's dummy loader fills each rank's shard): they depend on the seed,
+// the name and the slice, so ranks holding the same slice (replicated KV
+// heads) agree, and uncut tensors equal the whole model's.
+func (d *dummySource) cut(s TensorSpec) ([]int, uint64, error) {
+	shape := make([]int, len(s.Shape))
+	for i, x := range s.Shape {
+		shape[i] = int(x)
+	}
+	sp, err := d.shard.SplitOf(d.c, s)
+	if err != nil || sp.Whole() {
+		return shape, d.seedOf(s.Name), err
+	}
+	return cutShape(shape, sp), d.seedOf(fmt.Sprintf("%s[%d:%d:%d]", s.Name, sp.Dim, sp.Start, sp.End)), nil
 }
 
 // seedOf is the seed of tensor name: FNV-1a of the name over the first seed.
@@ -89,11 +112,10 @@ func (d *dummySource) Tensor(name string) (*kernels.Tensor, error) {
 	if err != nil {
 		return nil, err
 	}
-	shape := make([]int, len(s.Shape))
-	for i, x := range s.Shape {
-		shape[i] = int(x)
+	shape, seed, err := d.cut(s)
+	if err != nil {
+		return nil, err
 	}
-	seed := d.seedOf(name)
 	if len(shape) == 1 { // norms, biases, correction bias: F32 on every backend
 		t, err := d.tensor(kernels.F32, shape...)
 		if err != nil {
@@ -108,7 +130,7 @@ func (d *dummySource) Tensor(name string) (*kernels.Tensor, error) {
 	if err != nil {
 		return nil, err
 	}
-	return t, d.fill.Fill(t, seed, float32(math.Sqrt(3/float64(shape[1]))))
+	return t, d.fill.Fill(t, seed, float32(math.Sqrt(3/float64(s.Shape[1])))) // the whole fan-in: ranks' partial sums add up
 }
 
 // Linear makes module.weight (+ its FP8 scale).
@@ -120,16 +142,20 @@ func (d *dummySource) Linear(module string) (*kernels.Tensor, error) {
 	if s.DType != F8E4M3 {
 		return d.Tensor(module + ".weight")
 	}
-	n, k := int(s.Shape[0]), int(s.Shape[1])
-	w, err := d.tensor(kernels.F8E4M3, n, k)
+	shape, seed, err := d.cut(s)
 	if err != nil {
 		return nil, err
 	}
-	if err := d.fill.Fill(w, d.seedOf(module+".weight"), 1); err != nil {
+	n := shape[0]
+	w, err := d.tensor(kernels.F8E4M3, shape...)
+	if err != nil {
 		return nil, err
 	}
-	// Filled e4m3 bytes have |v| up to 120 (rms ~20): scale to ~1/sqrt(k).
-	sv := float32(1 / (20 * math.Sqrt(float64(k))))
+	if err := d.fill.Fill(w, seed, 1); err != nil {
+		return nil, err
+	}
+	// Filled e4m3 bytes have |v| up to 120 (rms ~20): scale to ~1/sqrt(k) of the whole fan-in.
+	sv := float32(1 / (20 * math.Sqrt(float64(s.Shape[1]))))
 	for _, name := range []string{module + ".weight_scale", module + ".weight_scale_inv"} {
 		ss, ok := d.specs[name]
 		if !ok {
@@ -142,7 +168,11 @@ func (d *dummySource) Linear(module string) (*kernels.Tensor, error) {
 		} else {
 			w.ScaleLayout = kernels.ScaleBlock
 			w.ScaleBlock = d.c.Quantization.BlockSize
-			st, err = d.tensor(kernels.F32, int(ss.Shape[0]), int(ss.Shape[1]))
+			var sshape []int
+			if sshape, _, err = d.cut(ss); err != nil {
+				return nil, err
+			}
+			st, err = d.tensor(kernels.F32, sshape...)
 		}
 		if err != nil {
 			return nil, err

@@ -14,6 +14,10 @@ type Forward struct {
 	BE   kernels.Backend
 	Meta kernels.BatchMeta
 	T    int // tokens in this step
+	// Ranks, when set, makes this one rank's forward of layers split over
+	// several (parallel/tp): the layer weights are the rank's slices
+	// (Shard) and partial sums go through its collectives. nil: one rank.
+	Ranks *RankComm
 
 	temps []*kernels.Tensor
 	err   error
@@ -62,6 +66,7 @@ func (f *Forward) Layer(lw *LayerWeights, h *kernels.Tensor, cache *kernels.KVCa
 	}
 	f.do("input norm", f.BE.RMSNorm(xn, h, lw.InputNorm, float32(c.RMSNormEps)))
 	o := f.attention(lw, xn, cache)
+	f.allReduce(f.Ranks.tp(), o, "o_proj")
 	// h += o; xn = norm(h): the post-attention norm fused with the residual add.
 	if f.err == nil {
 		f.do("post-attention norm", f.BE.AddRMSNorm(h, o, xn, lw.PostNorm, float32(c.RMSNormEps)))
@@ -69,8 +74,10 @@ func (f *Forward) Layer(lw *LayerWeights, h *kernels.Tensor, cache *kernels.KVCa
 	var m *kernels.Tensor
 	if lw.Kind == LayerDense {
 		m = f.mlp(xn, lw.Gate, lw.Up, lw.Down)
+		f.allReduce(f.Ranks.tp(), m, "mlp")
 	} else {
 		m = f.moe(lw, xn)
+		f.allReduce(f.Ranks.moe(), m, "moe") // routed and shared partials in one sum
 	}
 	if f.err == nil {
 		f.do("residual add", f.BE.Add(h, h, m))
@@ -81,10 +88,13 @@ func (f *Forward) Layer(lw *LayerWeights, h *kernels.Tensor, cache *kernels.KVCa
 	return nil
 }
 
+// attention runs the heads lw holds: all of them, or a rank's slice (its
+// o_proj output is then a partial sum).
 func (f *Forward) attention(lw *LayerWeights, xn *kernels.Tensor, cache *kernels.KVCache) *kernels.Tensor {
 	c := f.Cfg
-	q, k, v := f.tmp(c.QDim()), f.tmp(c.KVDim()), f.tmp(c.KVDim())
-	att, o := f.tmp(c.QDim()), f.tmp(c.HiddenSize)
+	heads, kvHeads := lw.Q.Shape[0]/c.HeadDim, lw.K.Shape[0]/c.HeadDim
+	q, k, v := f.tmp(heads*c.HeadDim), f.tmp(kvHeads*c.HeadDim), f.tmp(kvHeads*c.HeadDim)
+	att, o := f.tmp(heads*c.HeadDim), f.tmp(c.HiddenSize)
 	if f.err != nil {
 		return nil
 	}
@@ -99,11 +109,11 @@ func (f *Forward) attention(lw *LayerWeights, xn *kernels.Tensor, cache *kernels
 		f.do("k_proj", f.BE.Linear(k, xn, lw.K, lw.KBias))
 		f.do("v_proj", f.BE.Linear(v, xn, lw.V, lw.VBias))
 	}
-	rope := kernels.RopeParams{Heads: c.NumAttentionHeads, HeadDim: c.HeadDim, RotaryDim: c.RotaryDim(), Theta: c.RopeTheta}
+	rope := kernels.RopeParams{Heads: heads, HeadDim: c.HeadDim, RotaryDim: c.RotaryDim(), Theta: c.RopeTheta}
 	if f.err == nil {
-		f.do("qk-norm/rope/kv-write", f.BE.QKNormRopeKV(q, k, v, lw.QNorm, lw.KNorm, float32(c.RMSNormEps), rope, c.NumKeyValueHeads, cache, f.Meta))
+		f.do("qk-norm/rope/kv-write", f.BE.QKNormRopeKV(q, k, v, lw.QNorm, lw.KNorm, float32(c.RMSNormEps), rope, kvHeads, cache, f.Meta))
 	}
-	ap := kernels.AttentionParams{Heads: c.NumAttentionHeads, KVHeads: c.NumKeyValueHeads, HeadDim: c.HeadDim,
+	ap := kernels.AttentionParams{Heads: heads, KVHeads: kvHeads, HeadDim: c.HeadDim,
 		Scale: float32(1 / math.Sqrt(float64(c.HeadDim)))}
 	if f.err == nil {
 		f.do("attention", f.BE.Attention(att, q, cache, ap, f.Meta))
@@ -132,7 +142,8 @@ func (f *Forward) mlp(x, gate, up, down *kernels.Tensor) *kernels.Tensor {
 	return y
 }
 
-// moe is Σ routed experts + shared expert.
+// moe is Σ routed experts + shared expert: on a rank, Σ over the routed
+// experts (or slices of them) it holds and serves + its shared-expert slice.
 func (f *Forward) moe(lw *LayerWeights, xn *kernels.Tensor) *kernels.Tensor {
 	c := f.Cfg
 	logits := f.tmp(c.NRoutedExperts)
@@ -148,7 +159,11 @@ func (f *Forward) moe(lw *LayerWeights, xn *kernels.Tensor) *kernels.Tensor {
 	if f.err == nil {
 		f.do("route", f.BE.Route(ids, wts, logits, lw.RouterBias, rp))
 	}
-	if sm, ok := f.BE.(kernels.SharedExpertMoE); ok && lw.SharedGate != nil && f.err == nil {
+	if f.err == nil {
+		f.do("replica mask", f.maskReplicas(lw.Index, ids, wts))
+	}
+	shared := lw.SharedGate != nil && (f.Ranks == nil || f.Ranks.SharedExpert)
+	if sm, ok := f.BE.(kernels.SharedExpertMoE); ok && shared && f.err == nil {
 		done, err := sm.MoEWithShared(routed, xn, ids, wts, lw.Experts, &kernels.Expert{Gate: lw.SharedGate, Up: lw.SharedUp, Down: lw.SharedDown})
 		f.do("experts with shared expert", err)
 		if done || f.err != nil {
@@ -158,7 +173,7 @@ func (f *Forward) moe(lw *LayerWeights, xn *kernels.Tensor) *kernels.Tensor {
 	if f.err == nil {
 		f.do("experts", f.BE.MoE(routed, xn, ids, wts, lw.Experts))
 	}
-	if lw.SharedGate != nil && f.err == nil {
+	if shared && f.err == nil {
 		s := f.mlp(xn, lw.SharedGate, lw.SharedUp, lw.SharedDown)
 		if f.err == nil {
 			f.do("shared expert", f.BE.Add(routed, routed, s))

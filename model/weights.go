@@ -21,6 +21,9 @@ type Selection struct {
 	MTP                  bool // the MTP layer (needs the head's embeddings and hidden states)
 	// Expert reports whether routed expert e of layer l is loaded; nil loads all.
 	Expert func(layer, expert int) bool
+	// Shard, when set, loads only a rank's slices of the decoder layers'
+	// split tensors (shard.go); nil loads them whole.
+	Shard *Shard
 }
 
 // WholeModel selects everything, for a single-process engine.
@@ -108,19 +111,27 @@ type loader struct {
 	cfg      *Config
 	be       kernels.Backend
 	progress Progress
+	shard    *Shard
 	specs    map[string]TensorSpec
 	order    []TensorSpec // specs in checkpoint order
 	done     atomic.Int64
 	total    int64
+	kept     int64 // bytes of the rank's slices
 }
 
 func (l *loader) load(sel Selection) (*Weights, error) {
+	if l.shard = sel.Shard; l.shard != nil {
+		if err := l.shard.Validate(l.cfg); err != nil {
+			return nil, err
+		}
+	}
 	l.specs = map[string]TensorSpec{}
 	for _, t := range l.cfg.Tensors() {
 		if sel.Includes(l.cfg, t) {
 			l.specs[t.Name] = t
 			l.order = append(l.order, t)
-			l.total += t.Bytes()
+			l.total += t.Bytes() // read whole (mapped), so progress counts them whole
+			l.kept += shardBytes(l.cfg, l.shard, t)
 		}
 	}
 	if err := l.checkOnDisk(); err != nil {
@@ -130,7 +141,7 @@ func (l *loader) load(sel Selection) (*Weights, error) {
 	if err != nil {
 		return nil, err
 	}
-	w.Bytes = l.total
+	w.Bytes = l.kept
 	return w, nil
 }
 
@@ -215,6 +226,9 @@ func (l *loader) Tensor(name string) (*kernels.Tensor, error) {
 	if err != nil {
 		return nil, err
 	}
+	if t, err = l.cut(s, t); err != nil {
+		return nil, err
+	}
 	return l.upload(t)
 }
 
@@ -258,6 +272,9 @@ func (l *loader) Linear(module string) (*kernels.Tensor, error) {
 	if err != nil {
 		return nil, err
 	}
+	if t, err = l.cut(s, t); err != nil {
+		return nil, err
+	}
 	w, err := l.upload(t)
 	if err != nil {
 		return nil, err
@@ -278,6 +295,9 @@ func (l *loader) Linear(module string) (*kernels.Tensor, error) {
 	if err != nil {
 		return nil, err
 	}
+	if st, err = l.cut(scale, st); err != nil {
+		return nil, err
+	}
 	sv, err := st.Float32()
 	if err != nil {
 		return nil, err
@@ -287,7 +307,7 @@ func (l *loader) Linear(module string) (*kernels.Tensor, error) {
 			return nil, fmt.Errorf("tensor %s in %s: scale[%d] = %g is not a finite non-negative number", st.Name, st.File, i, v)
 		}
 	}
-	n := int(s.Shape[0])
+	n := int(t.Shape[0]) // the rank's rows, when sharded
 	if len(scale.Shape) == 2 && scale.Shape[1] == 1 && scale.Shape[0] == s.Shape[0] {
 		w.ScaleLayout = kernels.ScalePerChannel
 		w.Scale, err = l.be.UploadWeight(kernels.F32, []int{n}, f32Bytes(sv))
@@ -295,7 +315,7 @@ func (l *loader) Linear(module string) (*kernels.Tensor, error) {
 		q := l.cfg.Quantization
 		w.ScaleLayout = kernels.ScaleBlock
 		w.ScaleBlock = q.BlockSize
-		w.Scale, err = l.be.UploadWeight(kernels.F32, []int{int(scale.Shape[0]), int(scale.Shape[1])}, f32Bytes(sv))
+		w.Scale, err = l.be.UploadWeight(kernels.F32, []int{int(st.Shape[0]), int(st.Shape[1])}, f32Bytes(sv))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("tensor %s: %w", st.Name, err)

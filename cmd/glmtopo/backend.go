@@ -3,6 +3,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"runtime"
 	"strconv"
 	"strings"
 
@@ -19,6 +20,8 @@ import (
 type backendFlags struct {
 	device   *string
 	fastGemm *bool
+	tp       *int
+	ep       *bool
 }
 
 func addBackendFlags(fs *flag.FlagSet) backendFlags {
@@ -26,7 +29,25 @@ func addBackendFlags(fs *flag.FlagSet) backendFlags {
 		device: fs.String("device", "cpu", "backend: cpu, cuda or cuda:N"),
 		fastGemm: fs.Bool("fast-gemm", true, "cuda: round activations to bf16 once in prefill GEMMs, as vLLM and SGLang run; "+
 			"false: two bf16 halves (~f32, as the CPU reference; twice the GEMM FLOPs)"),
+		tp: fs.Int("tensor-parallel-size", 1, "run the decoder layers on N ranks (as vLLM's): attention, dense MLP and shared expert split N ways, "+
+			"routed experts too unless --enable-expert-parallel; cpu: N ranks in this process"),
+		ep: fs.Bool("enable-expert-parallel", false, "with --tensor-parallel-size N: whole routed experts in contiguous blocks on the N ranks instead of each split N ways (as vLLM's)"),
 	}
+}
+
+// ranks is the rank layout --tensor-parallel-size and --enable-expert-parallel ask for.
+func (f backendFlags) ranks() (parallel.RankOptions, error) {
+	n := *f.tp
+	switch {
+	case n < 1:
+		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d: want at least 1", n)
+	case n == 1:
+		return parallel.RankOptions{}, nil
+	case *f.device != "cpu":
+		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d on --device %s: a stage on several GPUs is not supported yet (issue 17); --device cpu runs %d ranks in this process", n, *f.device, n)
+	}
+	workers := max(1, runtime.GOMAXPROCS(0)/n) // the ranks run at once: share the cores
+	return parallel.TensorParallel(n, *f.ep, func(int) (kernels.Backend, error) { return cpu.New(workers), nil }), nil
 }
 
 // open opens "cpu" or "cuda[:N]" and says which KV cache dtype it takes.

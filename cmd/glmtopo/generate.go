@@ -49,6 +49,10 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		prompt = append(prompt, v)
 	}
+	ranks, err := backend.ranks()
+	if err != nil {
+		return err
+	}
 	be, kv, err := backend.open()
 	if err != nil {
 		return err
@@ -58,7 +62,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := checkHostMemory(be, src); err != nil {
 		return err
 	}
-	opt := parallel.EngineOptions{EnforceEager: *eager}
+	opt := parallel.EngineOptions{EnforceEager: *eager, Ranks: ranks}
 	if err := mem.apply(&opt, kv, 1, 0); err != nil {
 		return err
 	}

@@ -70,6 +70,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	slog.Info("loading model", "dir", *dir)
+	ranks, err := backend.ranks()
+	if err != nil {
+		return err
+	}
 	be, kv, err := backend.open()
 	if err != nil {
 		return err
@@ -78,7 +82,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := checkHostMemory(be, src); err != nil {
 		return err
 	}
-	opt := parallel.EngineOptions{EnforceEager: *eager, GraphMaxSeqs: specCfg.VerifyRows(64)}
+	opt := parallel.EngineOptions{EnforceEager: *eager, GraphMaxSeqs: specCfg.VerifyRows(64), Ranks: ranks}
 	if err := mem.apply(&opt, kv, cfg.MaxNumSeqs, cfg.MaxModelLen); err != nil {
 		return err
 	}

@@ -47,13 +47,23 @@ func runStage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	ranks, err := backend.ranks()
+	if err != nil {
+		return err
+	}
 	be, _, err := backend.open()
 	if err != nil {
 		return err
 	}
 	defer be.Close()
 	src := model.source()
-	st, closeStage, err := parallel.OpenStage(ctx, src, be, first, end, progress(stderr, "load"))
+	var st *parallel.Stage
+	var closeStage func()
+	if ranks.Enabled() {
+		st, closeStage, err = parallel.OpenStageRanks(ctx, src, be, first, end, ranks, progress(stderr, "load"))
+	} else {
+		st, closeStage, err = parallel.OpenStage(ctx, src, be, first, end, progress(stderr, "load"))
+	}
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,89 @@
+package model
+
+import (
+	"fmt"
+
+	"github.com/glmtopo/glmtopo/kernels"
+)
+
+// RankComm is what one rank's Forward needs besides its weights' slices
+// (Shard) when a stage's layers run on several ranks (parallel/tp).
+type RankComm struct {
+	// TP sums o_proj's and the dense MLP's partial outputs over the ranks
+	// holding the layer's other heads and intermediate slices; nil when the
+	// rank holds them whole (TP 1).
+	TP kernels.Collective
+	// MoE sums an MoE layer's partial outputs over every rank: its routed
+	// experts (whole, or slices of them) and its shared-expert slice, in
+	// one all-reduce. nil on a single rank.
+	MoE kernels.Collective
+	// SharedExpert says whether this rank adds its shared-expert slice:
+	// where attention is replicated (TP < ranks) one replica of each
+	// slice adds it, so that the MoE sum counts it once.
+	SharedExpert bool
+	// Replicas, when set, says which replica of an expert held by several
+	// ranks (EPLB) serves each token.
+	Replicas ReplicaMask
+}
+
+// ReplicaMask chooses, for experts replicated over ranks, the one rank that
+// serves each (token, expert) route, so that the MoE sum counts it once.
+type ReplicaMask interface {
+	// Replicated reports whether the rank holds experts of layer that other
+	// ranks also hold (only then are its routing weights masked).
+	Replicated(layer int) bool
+	// Serves reports whether the rank serves token's route to expert.
+	Serves(layer, token, expert int) bool
+}
+
+func (r *RankComm) tp() kernels.Collective {
+	if r == nil {
+		return nil
+	}
+	return r.TP
+}
+
+func (r *RankComm) moe() kernels.Collective {
+	if r == nil {
+		return nil
+	}
+	return r.MoE
+}
+
+// allReduce sums x's partial values over c's ranks in place (nothing
+// without a collective). The sum runs even after an error elsewhere would
+// not: a rank that fails stops, and the collective fails its peers.
+func (f *Forward) allReduce(c kernels.Collective, x *kernels.Tensor, what string) {
+	if c == nil || f.err != nil {
+		return
+	}
+	f.do(what+" all-reduce", c.AllReduceSum(x))
+}
+
+// maskReplicas zeroes the routing weights of the routes this rank holds an
+// expert for but does not serve: another replica of that expert does.
+// (The CPU reference masks on the host; a GPU would upload the rank's
+// replica table once and mask in the router's kernel.)
+func (f *Forward) maskReplicas(layer int, ids, wts *kernels.Tensor) error {
+	if f.Ranks == nil || f.Ranks.Replicas == nil || !f.Ranks.Replicas.Replicated(layer) {
+		return nil
+	}
+	iv, err := f.BE.DownloadI32(ids)
+	if err != nil {
+		return err
+	}
+	wv, err := f.BE.Download(wts)
+	if err != nil {
+		return err
+	}
+	k := ids.Cols()
+	for i, e := range iv {
+		if !f.Ranks.Replicas.Serves(layer, i/k, int(e)) {
+			wv[i] = 0
+		}
+	}
+	if len(wv) != len(iv) {
+		return fmt.Errorf("%d routing weights for %d expert ids", len(wv), len(iv))
+	}
+	return f.BE.Upload(wts, f32Bytes(wv))
+}

@@ -1,0 +1,180 @@
+package tp
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+
+	"github.com/glmtopo/glmtopo/kernels"
+)
+
+// fate is one step's shared outcome: the first error any rank reports (or
+// the step's context ending) ends every rank's waits at once, so a failed
+// rank never leaves its peers blocked in a collective.
+type fate struct {
+	ctx  context.Context
+	once sync.Once
+	err  error
+	done chan struct{}
+}
+
+func newFate(ctx context.Context) *fate { return &fate{ctx: ctx, done: make(chan struct{})} }
+
+func (f *fate) fail(err error) {
+	f.once.Do(func() { f.err = err; close(f.done) })
+}
+
+// Err is the step's first error, nil while none.
+func (f *fate) Err() error {
+	select {
+	case <-f.done:
+		return f.err
+	default:
+		return nil
+	}
+}
+
+// hub is an in-process all-reduce among size members. Each call is one
+// round: members deposit their parts, the last to arrive adds them in
+// member order (so every member gets the same bits, whatever the arrival
+// order), and every member waits for that sum — for at most timeout, and
+// no longer than the step's fate allows.
+type hub struct {
+	size    int
+	timeout time.Duration
+	fate    *fate
+	names   []int // the members' global ranks, for errors
+	mu      sync.Mutex
+	cur     *round
+	seq     int
+}
+
+type round struct {
+	seq     int
+	parts   [][]float32
+	arrived int
+	sum     []float32
+	err     error
+	done    chan struct{}
+}
+
+func newHub(members []int, timeout time.Duration, f *fate) *hub {
+	h := &hub{size: len(members), timeout: timeout, fate: f, names: members}
+	h.cur = h.newRound()
+	return h
+}
+
+func (h *hub) newRound() *round {
+	h.seq++
+	return &round{seq: h.seq, parts: make([][]float32, h.size), done: make(chan struct{})}
+}
+
+// allReduce deposits member m's part x (which it gives up) and returns the
+// sum, shared read-only by every member.
+func (h *hub) allReduce(m int, x []float32) ([]float32, error) {
+	if err := h.fate.Err(); err != nil {
+		return nil, err
+	}
+	h.mu.Lock()
+	r := h.cur
+	if r.parts[m] != nil {
+		h.mu.Unlock()
+		return nil, fmt.Errorf("all-reduce %d: rank %d joined twice", r.seq, h.names[m])
+	}
+	r.parts[m] = x
+	r.arrived++
+	if r.arrived == h.size {
+		r.sum, r.err = h.add(r)
+		close(r.done)
+		h.cur = h.newRound()
+	}
+	h.mu.Unlock()
+	timer := time.NewTimer(h.timeout)
+	defer timer.Stop()
+	select {
+	case <-r.done:
+		if r.err != nil {
+			h.fate.fail(r.err)
+		}
+		return r.sum, r.err
+	case <-h.fate.done:
+		return nil, h.fate.err
+	case <-h.fate.ctx.Done():
+		err := fmt.Errorf("all-reduce %d: rank %d: %w", r.seq, h.names[m], h.fate.ctx.Err())
+		h.fate.fail(err)
+		return nil, err
+	case <-timer.C:
+		err := fmt.Errorf("all-reduce %d: rank %d waited %v for ranks %v", r.seq, h.names[m], h.timeout, h.missing(r))
+		h.fate.fail(err)
+		return nil, err
+	}
+}
+
+// add sums the round's parts in member order, checking they agree in size
+// (NCCL would hang on a mismatch; here it is an error naming the ranks).
+func (h *hub) add(r *round) ([]float32, error) {
+	n := len(r.parts[0])
+	for m, p := range r.parts {
+		if len(p) != n {
+			return nil, fmt.Errorf("all-reduce %d: rank %d gave %d values, rank %d gave %d", r.seq, h.names[0], n, h.names[m], len(p))
+		}
+	}
+	sum := append([]float32(nil), r.parts[0]...)
+	for _, p := range r.parts[1:] {
+		for i, v := range p {
+			sum[i] += v
+		}
+	}
+	return sum, nil
+}
+
+func (h *hub) missing(r *round) []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []int
+	for m, p := range r.parts {
+		if p == nil {
+			out = append(out, h.names[m])
+		}
+	}
+	return out
+}
+
+// comm is one rank's kernels.Collective over a hub: its tensor goes
+// through the host (Download/Upload), so it works on any backend.
+type comm struct {
+	hub    *hub
+	member int
+	be     kernels.Backend
+}
+
+var _ kernels.Collective = (*comm)(nil)
+
+func (c *comm) Size() int { return c.hub.size }
+func (c *comm) Rank() int { return c.member }
+
+func (c *comm) AllReduceSum(t *kernels.Tensor) error {
+	if t.DType != kernels.F32 {
+		return fmt.Errorf("all-reduce of a %v tensor: want f32", t.DType)
+	}
+	x, err := c.be.Download(t)
+	if err != nil {
+		return err
+	}
+	sum, err := c.hub.allReduce(c.member, x)
+	if err != nil {
+		return err
+	}
+	return c.be.Upload(t, f32Bytes(sum))
+}
+
+func f32Bytes(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+	}
+	return b
+}

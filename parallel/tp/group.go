@@ -1,0 +1,150 @@
+package tp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"time"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/model"
+)
+
+// Loader loads sel of the model onto be; release frees what it made.
+type Loader func(ctx context.Context, sel model.Selection, be kernels.Backend) (w *model.Weights, release func(), err error)
+
+// Options make a Group.
+type Options struct {
+	// NewBackend makes rank r's backend; the group closes it.
+	NewBackend func(rank int) (kernels.Backend, error)
+	// Load loads a rank's selection (its slices and experts).
+	Load Loader
+	// Timeout bounds every collective wait (default 30 s): a rank that
+	// stops answering fails the step, naming the ranks that never came.
+	Timeout time.Duration
+}
+
+// Group runs decoder layers [Grid.First, Grid.End) on Grid.Ranks ranks in
+// this process, one goroutine (locked to its OS thread, as a GPU's would
+// be) per rank, each with its backend, weights' slices and KV caches. It is
+// not safe for concurrent use: its engine or stage runs one step at a time.
+type Group struct {
+	Grid    *Grid
+	ranks   []*rank
+	timeout time.Duration
+	hidden  int
+}
+
+type rank struct {
+	id      int
+	be      kernels.Backend
+	w       *model.Weights
+	release func()
+	kv      []*kernels.KVCache
+	jobs    chan func()
+}
+
+// New loads every rank's part of the layers and starts the ranks.
+func New(ctx context.Context, g *Grid, opt Options) (*Group, error) {
+	if opt.NewBackend == nil || opt.Load == nil {
+		return nil, errors.New("rank group: Options need NewBackend and Load")
+	}
+	if opt.Timeout <= 0 {
+		opt.Timeout = 30 * time.Second
+	}
+	gr := &Group{Grid: g, timeout: opt.Timeout, hidden: g.Cfg.HiddenSize}
+	for r := 0; r < g.Ranks; r++ {
+		rk, err := openRank(ctx, g, r, opt)
+		if err != nil {
+			gr.Close()
+			return nil, err
+		}
+		gr.ranks = append(gr.ranks, rk)
+		go rk.loop()
+	}
+	return gr, nil
+}
+
+func openRank(ctx context.Context, g *Grid, r int, opt Options) (*rank, error) {
+	be, err := opt.NewBackend(r)
+	if err != nil {
+		return nil, fmt.Errorf("rank %d: backend: %w", r, err)
+	}
+	w, release, err := opt.Load(ctx, g.Selection(r), be)
+	if err != nil {
+		be.Close()
+		return nil, fmt.Errorf("rank %d of %s: %w", r, g, err)
+	}
+	return &rank{id: r, be: be, w: w, release: release, jobs: make(chan func())}, nil
+}
+
+// loop runs the rank's jobs on one OS thread (a GPU's context is bound to it).
+func (r *rank) loop() {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	for job := range r.jobs {
+		job()
+	}
+}
+
+// Layers is the group's layer range.
+func (gr *Group) Layers() (first, end int) { return gr.Grid.First, gr.Grid.End }
+
+// Ranks is the number of ranks.
+func (gr *Group) Ranks() int { return len(gr.ranks) }
+
+// Weights is rank r's weights (tests inspect its slices).
+func (gr *Group) Weights(r int) *model.Weights { return gr.ranks[r].w }
+
+// AllocKV gives every rank a paged KV cache of numBlocks blocks of
+// blockSize tokens for each of its layers, holding its KV heads; the
+// caller's block ids index every rank's cache alike. A second call
+// replaces the caches.
+func (gr *Group) AllocKV(dt kernels.DType, numBlocks, blockSize int) error {
+	gr.FreeKV()
+	c := gr.Grid.Cfg
+	for _, rk := range gr.ranks {
+		sh := gr.Grid.Shard(rk.id)
+		_, _, kv0, kv1 := sh.Heads(c)
+		for range rk.w.Layers {
+			k, err := rk.be.NewTensor(dt, numBlocks*blockSize, kv1-kv0, c.HeadDim)
+			if err != nil {
+				gr.FreeKV()
+				return fmt.Errorf("rank %d: kv cache: %w", rk.id, err)
+			}
+			v, err := rk.be.NewTensor(dt, numBlocks*blockSize, kv1-kv0, c.HeadDim)
+			if err != nil {
+				rk.be.Free(k)
+				gr.FreeKV()
+				return fmt.Errorf("rank %d: kv cache: %w", rk.id, err)
+			}
+			rk.kv = append(rk.kv, &kernels.KVCache{K: k, V: v, BlockSize: blockSize, KVHeads: kv1 - kv0, HeadDim: c.HeadDim})
+		}
+	}
+	return nil
+}
+
+// FreeKV frees the ranks' caches.
+func (gr *Group) FreeKV() {
+	for _, rk := range gr.ranks {
+		for _, l := range rk.kv {
+			rk.be.Free(l.K)
+			rk.be.Free(l.V)
+		}
+		rk.kv = nil
+	}
+}
+
+// Close stops the ranks and frees their caches, weights and backends.
+func (gr *Group) Close() {
+	gr.FreeKV()
+	for _, rk := range gr.ranks {
+		close(rk.jobs)
+		if rk.release != nil {
+			rk.release()
+		}
+		rk.be.Close()
+	}
+	gr.ranks = nil
+}

@@ -1,0 +1,132 @@
+package tp
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/model"
+)
+
+// comms are one step's collectives: an all-reduce over each attention
+// replica's TP ranks, and one over every rank for the MoE layers.
+type comms struct {
+	fate  *fate
+	tp    []*hub // by replica
+	world *hub
+}
+
+func (gr *Group) newComms(ctx context.Context) *comms {
+	g := gr.Grid
+	f := newFate(ctx)
+	c := &comms{fate: f}
+	all := make([]int, g.Ranks)
+	for r := range all {
+		all[r] = r
+	}
+	c.world = newHub(all, gr.timeout, f)
+	for rep := 0; rep < g.Ranks/g.TP; rep++ {
+		c.tp = append(c.tp, newHub(all[rep*g.TP:(rep+1)*g.TP], gr.timeout, f))
+	}
+	return c
+}
+
+// rankComm is rank r's view of the step's collectives.
+func (c *comms) rankComm(g *Grid, r int, be kernels.Backend) *model.RankComm {
+	return g.comm(r, &comm{hub: c.tp[g.Replica(r)], member: g.TPRank(r), be: be}, &comm{hub: c.world, member: r, be: be})
+}
+
+// Run runs the group's layers over the residual stream h [T, hidden] (f32)
+// of batch b, in place: every rank starts from h and, the partial sums
+// all-reduced, ends with the same rows; rank 0's come back. The first
+// rank's error (or ctx ending) fails every rank's waits and is returned.
+func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
+	T := b.Tokens()
+	if len(h) != T*gr.hidden {
+		return fmt.Errorf("rank group: %d values for %d tokens × hidden %d", len(h), T, gr.hidden)
+	}
+	if T == 0 {
+		return nil
+	}
+	if len(gr.ranks) == 0 || len(gr.ranks[0].kv) != len(gr.ranks[0].w.Layers) {
+		return fmt.Errorf("rank group: step before the KV caches are allocated (AllocKV)")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c := gr.newComms(ctx)
+	in := f32Bytes(h) // read by every rank; rank 0 writes out, copied to h once all are done
+	var out []float32
+	errs := make(chan error, len(gr.ranks))
+	for _, rk := range gr.ranks {
+		rc := c.rankComm(gr.Grid, rk.id, rk.be)
+		job := func() {
+			res, err := rk.safeStep(b, in, rc)
+			if err != nil {
+				err = fmt.Errorf("rank %d: %w", rk.id, err)
+				c.fate.fail(err)
+			} else if rk.id == 0 {
+				out = res
+			}
+			errs <- err
+		}
+		select {
+		case rk.jobs <- job:
+		case <-ctx.Done():
+			c.fate.fail(ctx.Err())
+			errs <- ctx.Err()
+		}
+	}
+	var first error
+	for range gr.ranks {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		if err := c.fate.Err(); err != nil {
+			return err // the root cause, not a peer's report of it
+		}
+		return first
+	}
+	copy(h, out)
+	return nil
+}
+
+// safeStep is step with a panic turned into the rank's error: a rank that
+// dies must still answer, or Run (and its peers) would wait for it.
+func (rk *rank) safeStep(b *kernels.Batch, in []byte, rc *model.RankComm) (out []float32, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			out, err = nil, fmt.Errorf("panic: %v", p)
+		}
+	}()
+	return rk.step(b, in, rc)
+}
+
+// step runs the rank's layers on its copy of the rows.
+func (rk *rank) step(b *kernels.Batch, in []byte, rc *model.RankComm) ([]float32, error) {
+	meta, err := rk.be.UploadBatch(b)
+	if err != nil {
+		return nil, err
+	}
+	c := rk.w.Config
+	f := &model.Forward{Cfg: c, BE: rk.be, Meta: meta, T: b.Tokens(), Ranks: rc}
+	defer f.Release()
+	x, err := rk.be.NewTensor(kernels.F32, b.Tokens(), c.HiddenSize)
+	if err != nil {
+		return nil, err
+	}
+	defer rk.be.Free(x)
+	if err := rk.be.Upload(x, in); err != nil {
+		return nil, err
+	}
+	for i, lw := range rk.w.Layers {
+		if err := f.Layer(lw, x, rk.kv[i]); err != nil {
+			return nil, err
+		}
+	}
+	if rk.id != 0 {
+		return nil, nil
+	}
+	return rk.be.Download(x)
+}
