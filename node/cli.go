@@ -59,9 +59,16 @@ func NodeFlags(fs *flag.FlagSet, opts *Options, stderr io.Writer) func() error {
 	fs.DurationVar(&opts.SuspectAfter, "suspect-after", 0, "silence after which a member is suspect (default 3 heartbeats)")
 	fs.DurationVar(&opts.DeadAfter, "dead-after", 0, "silence after which a member is dead (default 2x suspect-after)")
 	fs.DurationVar(&opts.SettleAfter, "settle-after", 0, "membership must be stable this long before (re)planning (default 2 heartbeats)")
+	fs.DurationVar(&opts.ReplanAfter, "replan-after", DefaultReplanAfter, "wait this long for a lost host before planning over the survivors alone, if they can hold the model (0: never, wait for it)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	return func() error {
 		opts.Listen = listen
+		switch {
+		case opts.ReplanAfter < 0:
+			return fmt.Errorf("--replan-after %s: must not be negative (0: never replan without a lost host)", opts.ReplanAfter)
+		case opts.ReplanAfter == 0:
+			opts.ReplanAfter = -1 // Options' "never"
+		}
 		if *keyFile == "" {
 			return errors.New("--cluster-key-file is required: create one with `glmtopo node cluster-key --out FILE` and copy it to every host")
 		}

@@ -2,8 +2,8 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -54,9 +54,10 @@ func pickCoordinator(live []helloMsg) string {
 }
 
 // coordinate runs on every heartbeat tick; only the coordinator acts. It
-// plans when the live membership differs from the active plan's, there are
-// enough hosts, the membership has been stable for SettleAfter and every
-// host serves the same model.
+// plans when decide (replan.go) says so: the live membership differs from
+// the active plan's, there are enough hosts or the grace for lost ones is
+// over, the membership has been stable for SettleAfter and every host
+// serves the same model.
 func (d *Daemon) coordinate() {
 	now := time.Now()
 	d.mu.Lock()
@@ -64,49 +65,62 @@ func (d *Daemon) coordinate() {
 	if d.coordinatorLocked() != d.self.ID || d.proposing {
 		return
 	}
-	live := d.liveLocked()
-	if d.active != nil && len(d.broken) == 0 && slices.Equal(d.active.MemberIDs(), live) {
+	v := d.coordViewLocked(now)
+	act, reason := decide(v)
+	switch act {
+	case coordSteady:
 		d.coordReason = ""
 		d.resendCommitsLocked(now)
 		return
-	}
-	switch {
-	case !d.opts.StartNow && len(live) < d.opts.Expect:
-		d.coordReason = fmt.Sprintf("waiting for %d hosts (%d live)", d.opts.Expect, len(live))
-		return
-	case now.Sub(d.changedAt) < d.opts.SettleAfter:
-		d.coordReason = "membership changed; waiting for it to settle"
-		return
-	case now.Before(d.retryAt):
-		return
-	}
-	if reason := modelMismatch(d.liveMembersLocked()); reason != "" {
-		d.coordReason = reason
+	case coordWait:
+		if reason != "" {
+			d.coordReason = reason
+		}
 		return
 	}
 	var members []MemberInventory
-	for _, id := range live {
-		m := d.members[peer.ID(mustDecode(id))]
+	for _, id := range v.live {
+		m := d.members[mustDecode(id)]
 		members = append(members, MemberInventory{ID: id, Name: m.hello.Name, Addrs: m.hello.Addrs, Inventory: m.hello.Inventory,
 			DataAddr: m.hello.DataAddr})
 	}
 	d.proposing = true
-	epoch := d.maxEpoch + 1
-	d.maxEpoch = epoch
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
-		err := d.propose(epoch, members)
+		epoch, err := d.propose(members)
 		d.mu.Lock()
 		defer d.mu.Unlock()
 		d.proposing = false
-		if err != nil {
+		var np *noPlanError
+		switch {
+		case errors.As(err, &np):
+			d.noPlan, d.noPlanWhy = v.liveKey, np.Error()
+			d.coordReason = d.noPlanWhy
+			d.log.Warn("no plan for the live hosts; waiting for the membership to change", "hosts", len(members), "err", np.err)
+		case err != nil && epoch == 0:
+			d.coordReason = fmt.Sprintf("plan failed: %v", err)
+			d.retryAt = time.Now().Add(d.opts.SettleAfter)
+			d.log.Warn("plan failed", "err", err)
+		case err != nil:
 			d.coordReason = fmt.Sprintf("plan epoch %d failed: %v", epoch, err)
 			d.retryAt = time.Now().Add(d.opts.SettleAfter)
 			d.log.Warn("plan failed", "epoch", epoch, "err", err)
 		}
 	}()
 }
+
+// noPlanError is a planner's refusal of the live members.
+type noPlanError struct {
+	hosts int
+	err   error
+}
+
+func (e *noPlanError) Error() string {
+	return fmt.Sprintf("no plan for the %d live hosts: %v", e.hosts, e.err)
+}
+
+func (e *noPlanError) Unwrap() error { return e.err }
 
 func mustDecode(s string) peer.ID {
 	id, _ := peer.Decode(s)
@@ -132,21 +146,26 @@ func modelMismatch(live []helloMsg) string {
 }
 
 // propose plans, sends the assignment to every member and, once every
-// member acknowledged it, commits it.
-func (d *Daemon) propose(epoch uint64, members []MemberInventory) error {
+// member acknowledged it, commits it. It returns the epoch it proposed (0
+// when the planner refused: a refusal uses up no epoch).
+func (d *Daemon) propose(members []MemberInventory) (uint64, error) {
 	ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
 	defer cancel()
 	plan, err := d.opts.Planner.Plan(ctx, d.model, members)
 	if err != nil {
-		return fmt.Errorf("planner: %w", err)
+		return 0, &noPlanError{hosts: len(members), err: fmt.Errorf("planner: %w", err)}
 	}
 	ids := make([]string, len(members))
 	for i, m := range members {
 		ids[i] = m.ID
 	}
 	if err := validatePlan(plan, ids); err != nil {
-		return err
+		return 0, err
 	}
+	d.mu.Lock()
+	epoch := d.maxEpoch + 1
+	d.maxEpoch = epoch
+	d.mu.Unlock()
 	plan.Epoch, plan.Coordinator, plan.Model = epoch, d.self.ID, d.model
 	fillNeighbors(plan, members)
 	d.log.Info("proposing plan", "epoch", epoch, "members", len(members), "summary", plan.Summary)
@@ -174,7 +193,7 @@ func (d *Daemon) propose(epoch uint64, members []MemberInventory) error {
 	wg.Wait()
 	if len(failed) > 0 {
 		sort.Strings(failed)
-		return fmt.Errorf("not acknowledged by %s", strings.Join(failed, "; "))
+		return epoch, fmt.Errorf("not acknowledged by %s", strings.Join(failed, "; "))
 	}
 	d.mu.Lock()
 	d.activateLocked(plan)
@@ -184,7 +203,7 @@ func (d *Daemon) propose(epoch uint64, members []MemberInventory) error {
 			go d.request(mustDecode(m.ID), &planMsg{Version: wireVersion, Kind: planCommit, From: d.self.ID, Plan: *plan})
 		}
 	}
-	return nil
+	return epoch, nil
 }
 
 // resendCommitsLocked re-sends the active plan to members that report an
@@ -304,8 +323,9 @@ func (d *Daemon) activateLocked(plan *ClusterPlan) {
 	if d.active != nil && d.active.Epoch >= plan.Epoch {
 		return
 	}
-	d.active = plan
+	d.active, d.activeAt = plan, time.Now()
 	d.broken = nil
+	d.noPlan, d.noPlanWhy = "", "" // a plan holds again: a later refusal is news
 	if d.pending != nil && d.pending.Epoch <= plan.Epoch {
 		d.pending = nil
 	}

@@ -58,13 +58,18 @@ type Daemon struct {
 	seq          uint64
 	changedAt    time.Time // last change of the live member set
 	active       *ClusterPlan
-	broken       []string // why the active plan no longer holds even if membership matches again
+	activeAt     time.Time // when active became active here
+	broken       []string  // why the active plan no longer holds even if membership matches again
 	pending      *ClusterPlan
 	maxEpoch     uint64
 	coordReason  string
 	proposing    bool
 	retryAt      time.Time
 	commitSentAt map[peer.ID]time.Time
+	// noPlan is the live set (coordView.liveKey) the planner last found no
+	// plan for, and why: a planner is a function of the members, so the
+	// coordinator asks again only when the live set changes.
+	noPlan, noPlanWhy string
 }
 
 // Health of a member as the failure detector sees it.
@@ -83,6 +88,8 @@ type member struct {
 	deadReason  string
 	activeEpoch uint64
 	maxEpoch    uint64
+	lostAt      time.Time   // when it last went dead or left
+	stage       memberStage // its last heartbeat's stage report
 }
 
 // Event is a membership or plan change, kept for status.
@@ -181,6 +188,7 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 	d.self.Addrs = d.advertisedAddrs()
 	d.members[h.ID()] = &member{id: h.ID(), hello: d.self, joinedAt: d.start, lastSeen: d.start, health: HealthAlive}
 	d.changedAt = d.start
+	opts.Stages.setView(func() []StageStatus { return d.Status().Stages })
 
 	h.SetStreamHandler(protoHello, d.handleHello)
 	h.SetStreamHandler(protoHeartbeat, d.handleHeartbeat)

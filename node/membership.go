@@ -221,6 +221,7 @@ func (d *Daemon) record(c network.Conn, h helloMsg) (bool, string) {
 		d.log.Info("member restarted", "peer", id.String(), "name", h.Name, "was", m.health)
 		d.addEvent("join", id, h.Name, "restarted")
 		m.joinedAt, m.activeEpoch, m.deadReason = now, 0, ""
+		m.stage = memberStage{}
 		d.changedAt = now
 		d.breakPlanLocked(id, fmt.Sprintf("host %s (%s) restarted", h.Name, shortID(id.String())))
 	case m.health == HealthDead:
@@ -252,10 +253,11 @@ func (d *Daemon) ioTimeout() time.Duration {
 // sendHeartbeats sends one heartbeat to every member that is not dead.
 // Heartbeats never dial: reconnecting is the redial loop's job.
 func (d *Daemon) sendHeartbeats() {
+	stage := d.opts.Stages.report() // outside d.mu: it reads the runtime's counters
 	d.mu.Lock()
 	d.seq++
 	hb := heartbeatMsg{Version: wireVersion, ID: d.self.ID, Instance: d.self.Instance, Seq: d.seq,
-		MaxEpoch: d.maxEpoch}
+		MaxEpoch: d.maxEpoch, Stage: stage}
 	if d.active != nil {
 		hb.ActiveEpoch = d.active.Epoch
 	}
@@ -316,6 +318,9 @@ func (d *Daemon) handleHeartbeat(s network.Stream) {
 	}
 	m.lastSeen = now
 	m.activeEpoch, m.maxEpoch = hb.ActiveEpoch, hb.MaxEpoch
+	if hb.Stage != nil {
+		m.stage = memberStage{rep: hb.Stage, at: now}
+	}
 	switch m.health {
 	case HealthSuspect:
 		d.log.Info("member alive again", "peer", id.String(), "name", m.hello.Name)
@@ -400,6 +405,7 @@ func (d *Daemon) handleLeave(s network.Stream) {
 	}
 	m.health, m.deadReason = HealthDead, "left (daemon shut down)"
 	d.changedAt = time.Now()
+	m.lostAt, m.stage = d.changedAt, memberStage{}
 	d.breakPlanLocked(id, fmt.Sprintf("host %s (%s) left", m.hello.Name, shortID(id.String())))
 	d.log.Info("member left", "peer", id.String(), "name", m.hello.Name)
 	d.addEvent("leave", id, m.hello.Name, m.deadReason)
@@ -420,6 +426,7 @@ func (d *Daemon) detectFailures(now time.Time) {
 			m.health = HealthDead
 			m.deadReason = fmt.Sprintf("no heartbeat for %s (dead-after %s)", silent.Round(time.Millisecond), d.opts.DeadAfter)
 			d.changedAt = now
+			m.lostAt, m.stage = now, memberStage{}
 			d.breakPlanLocked(id, fmt.Sprintf("host %s (%s) was dead: %s", m.hello.Name, shortID(id.String()), m.deadReason))
 			d.log.Warn("member dead", "peer", id.String(), "name", m.hello.Name, "reason", m.deadReason)
 			d.addEvent("dead", id, m.hello.Name, m.deadReason)

@@ -32,6 +32,10 @@ type Options struct {
 	SuspectAfter      time.Duration // default 3 heartbeats
 	DeadAfter         time.Duration // default 6 heartbeats
 	SettleAfter       time.Duration // membership must be unchanged this long before planning; default 2 heartbeats
+	// ReplanAfter is how long the coordinator waits for a lost host of the
+	// active plan before planning over the survivors alone (replan.go);
+	// default DefaultReplanAfter, negative: never (wait for it to return).
+	ReplanAfter time.Duration
 
 	// OnAssign, if set, is called before this host acknowledges a proposed
 	// assignment; an error refuses the plan (the coordinator retries later).
@@ -55,6 +59,14 @@ type Options struct {
 const (
 	DefaultHeartbeatInterval = time.Second
 	DefaultListen            = "0.0.0.0:7946"
+	// DefaultReplanAfter covers a daemon's crash and restart (by systemd or
+	// an operator: it rejoins within seconds of starting, before loading
+	// any weights) and a network blip a few times over, which then cost
+	// one reload of every stage instead of two (the survivors' plan, then
+	// the full one again). A host that stays away longer, like a reboot
+	// (minutes) or a hardware loss, costs 30 s of downtime on top of the
+	// reload, small against loading a large model's weights.
+	DefaultReplanAfter = 30 * time.Second
 )
 
 func (o *Options) setDefaults() error {
@@ -90,6 +102,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.SettleAfter <= 0 {
 		o.SettleAfter = 2 * o.HeartbeatInterval
+	}
+	if o.ReplanAfter == 0 {
+		o.ReplanAfter = DefaultReplanAfter
 	}
 	if o.SuspectAfter <= o.HeartbeatInterval {
 		return fmt.Errorf("suspect-after (%s) must exceed heartbeat-interval (%s)", o.SuspectAfter, o.HeartbeatInterval)

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"sort"
+	"strings"
 )
 
 // ModelRef names the model every host must serve. ConfigHash is the sha256 of
@@ -91,9 +92,20 @@ func (p *ClusterPlan) Assignment(id string) (StageAssignment, bool) {
 // wired: one pipeline stage per member, members ordered by id, layers split as
 // evenly as possible (earlier stages take the remainder), every stage holding
 // all routed experts of its layers. It ignores the hardware.
+//
+// With LayerBytes set it also checks memory: each member must hold its
+// layers' weights (and the head's HeadBytes on stage 0) in its GPUs'
+// memory, or its host memory without GPUs; a member whose inventory shows
+// no memory is not checked. A split that does not fit is an error, which
+// is how survivors of a lost host learn that they cannot hold the model.
 type EvenSplitPlanner struct {
 	NumLayers  int // decoder layers to place (GLM-4.5: 92)
 	NumExperts int // routed experts per MoE layer, for the summary (GLM-4.5: 160)
+	// LayerBytes[i] is decoder layer i's weights; nil: no memory check.
+	LayerBytes []int64
+	// HeadBytes is what only the head holds: embedding, final norm,
+	// lm_head, MTP layer.
+	HeadBytes int64
 }
 
 // Plan implements Planner.
@@ -103,6 +115,9 @@ func (e EvenSplitPlanner) Plan(_ context.Context, model ModelRef, members []Memb
 	}
 	if e.NumLayers < len(members) {
 		return nil, fmt.Errorf("even split: %d layers cannot be split over %d hosts", e.NumLayers, len(members))
+	}
+	if e.LayerBytes != nil && len(e.LayerBytes) != e.NumLayers {
+		return nil, fmt.Errorf("even split: %d layer sizes for %d layers", len(e.LayerBytes), e.NumLayers)
 	}
 	sorted := append([]MemberInventory(nil), members...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].ID < sorted[j].ID })
@@ -121,8 +136,50 @@ func (e EvenSplitPlanner) Plan(_ context.Context, model ModelRef, members []Memb
 		plan.Stages = append(plan.Stages, st)
 		first += n
 	}
+	if err := e.checkMemory(plan, sorted); err != nil {
+		return nil, err
+	}
 	plan.Summary = fmt.Sprintf("even split: %d layers over %d pipeline stages (fallback planner)", e.NumLayers, len(sorted))
 	return plan, nil
+}
+
+// checkMemory refuses a plan whose stage's weights exceed its host's
+// memory (LayerBytes nil: no check).
+func (e EvenSplitPlanner) checkMemory(plan *ClusterPlan, members []MemberInventory) error {
+	if e.LayerBytes == nil {
+		return nil
+	}
+	var short []string
+	for i, st := range plan.Stages {
+		var need int64
+		for l := st.Layers[0]; l < st.Layers[1]; l++ {
+			need += e.LayerBytes[l]
+		}
+		if st.Stage == 0 {
+			need += e.HeadBytes
+		}
+		if have := memberMemory(members[i].Inventory); have > 0 && need > have {
+			short = append(short, fmt.Sprintf("%s needs %s for layers [%d,%d) and has %s",
+				st.Name, humanBytes(uint64(need)), st.Layers[0], st.Layers[1], humanBytes(uint64(have))))
+		}
+	}
+	if len(short) > 0 {
+		return fmt.Errorf("even split over %d hosts does not fit: %s", len(plan.Stages), strings.Join(short, "; "))
+	}
+	return nil
+}
+
+// memberMemory is where a member holds weights: its GPUs' memory, or its
+// host memory without GPUs; 0 if the inventory does not say.
+func memberMemory(inv HostInventory) int64 {
+	if len(inv.GPUs) == 0 {
+		return int64(inv.MemoryBytes)
+	}
+	var n int64
+	for _, g := range inv.GPUs {
+		n += int64(g.MemoryBytes)
+	}
+	return n
 }
 
 // fillNeighbors sets Prev/Next of each stage (ordered by Stage) that the

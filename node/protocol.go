@@ -56,6 +56,10 @@ type heartbeatMsg struct {
 	Members     []memberDigest `msgpack:"members"`
 	ActiveEpoch uint64         `msgpack:"active_epoch"`
 	MaxEpoch    uint64         `msgpack:"max_epoch"`
+	// Stage is the sender's stage of its active plan (state and counters),
+	// so every member's status covers every stage; absent without a
+	// runtime. Older daemons ignore it.
+	Stage *stageReport `msgpack:"stage,omitempty"`
 }
 
 type memberDigest struct {

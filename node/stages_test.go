@@ -3,6 +3,7 @@ package node
 import (
 	"fmt"
 	"testing"
+	"time"
 )
 
 func TestStageStatuses(t *testing.T) {
@@ -37,7 +38,7 @@ func TestStageStatuses(t *testing.T) {
 		{"no runtime", members("h2", true, 3), nil, "[active active active]"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			got := stageStatuses(plan, c.members, c.local)
+			got := stageStatuses(plan, c.members, c.local.report(), nil, time.Now())
 			var states []string
 			for _, s := range got {
 				states = append(states, s.State)
@@ -47,14 +48,33 @@ func TestStageStatuses(t *testing.T) {
 			}
 		})
 	}
-	got := stageStatuses(plan, members("h0", true, 3), nil)
+	// A daemon other than the head's learns every stage's state and counters
+	// from the heartbeats' reports of this epoch (an older one is ignored).
+	now := time.Now()
+	remote := map[string]memberStage{
+		"h0": {rep: &stageReport{Epoch: 3, State: StageReady, Metrics: &StageMetrics{Steps: 7}}, at: now.Add(-time.Second)},
+		"h2": {rep: &stageReport{Epoch: 2, State: StageFailed, Reason: "old"}, at: now},
+	}
+	got := stageStatuses(plan, members("h1", true, 3), report(3, StageLoading).report(), remote, now)
+	if s := fmt.Sprint(got[0].State, got[1].State, got[2].State); s != "readyloadingready" {
+		t.Errorf("states from reports: %s", s)
+	}
+	if got[0].StageMetrics == nil || got[0].Steps != 7 || got[0].MetricsAgeMS < 1000 || got[2].StageMetrics != nil {
+		t.Errorf("counters from reports: %+v, %+v", got[0], got[2])
+	}
+	remote["h2"] = memberStage{rep: &stageReport{Epoch: 3, State: StageFailed, Reason: "load: out of memory"}, at: now}
+	if got := stageStatuses(plan, members("h1", true, 3), nil, remote, now); got[2].State != StageFailed || got[2].Reason != "load: out of memory" {
+		t.Errorf("a stage's failure under a ready head: %+v", got[2])
+	}
+
+	got = stageStatuses(plan, members("h0", true, 3), nil, nil, time.Now())
 	if h := fmt.Sprint(got[0].Holds, got[1].Holds); h != "[embedding layers[0,2) final_norm lm_head mtp] [layers[2,5) experts:all]" {
 		t.Errorf("holds %s", h)
 	}
 	if got[1].Layers != [2]int{2, 5} || got[1].Host != "b" {
 		t.Errorf("stage 1: %+v", got[1])
 	}
-	if stageStatuses(nil, nil, nil) != nil {
+	if stageStatuses(nil, nil, nil, nil, time.Now()) != nil {
 		t.Error("stages without a plan")
 	}
 	var s StageStates

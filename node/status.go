@@ -70,6 +70,7 @@ func (d *Daemon) Status() Status {
 	if d.opts.Links != nil {
 		links = d.opts.Links() // outside d.mu: it reads the transport's counters
 	}
+	local := d.opts.Stages.report() // outside d.mu: it reads the runtime's counters
 	now := time.Now()
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -106,7 +107,11 @@ func (d *Daemon) Status() Status {
 		st.PendingEpoch = d.pending.Epoch
 	}
 	st.State, st.Reason = clusterState(d.active, d.broken, st.Members, d.coordReasonForStatusLocked())
-	st.Stages = stageStatuses(d.active, st.Members, d.opts.Stages)
+	remote := map[string]memberStage{}
+	for id, m := range d.members {
+		remote[id.String()] = m.stage
+	}
+	st.Stages = stageStatuses(d.active, st.Members, local, remote, now)
 	st.Events = append([]Event(nil), d.events...)
 	st.Links = links
 	return st
@@ -116,11 +121,10 @@ func (d *Daemon) coordReasonForStatusLocked() string {
 	if d.coordinatorLocked() == d.self.ID {
 		return d.coordReason
 	}
-	if r := modelMismatch(d.liveMembersLocked()); r != "" {
+	// The coordinator's policy on this daemon's view (it does not know
+	// the coordinator's planner refusals or retries).
+	if _, r := decide(d.coordViewLocked(time.Now())); r != "" {
 		return r
-	}
-	if live := len(d.liveLocked()); !d.opts.StartNow && live < d.opts.Expect {
-		return fmt.Sprintf("waiting for %d hosts (%d live)", d.opts.Expect, live)
 	}
 	return "waiting for the coordinator's plan"
 }
@@ -241,6 +245,9 @@ func WriteStatusText(w io.Writer, st Status) error {
 	}
 	if st.Plan != nil && st.Plan.Summary != "" {
 		fmt.Fprintf(w, "\nplan: %s\n", st.Plan.Summary)
+	}
+	if err := writeStages(w, st.Stages); err != nil {
+		return err
 	}
 	return writeLinks(w, st.Links)
 }

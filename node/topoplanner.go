@@ -42,7 +42,9 @@ func (p TopologyPlanner) Plan(ctx context.Context, ref ModelRef, members []Membe
 		}
 	}
 	if len(cpuOnly) > 0 {
-		plan, err := EvenSplitPlanner{NumLayers: cfg.NumHiddenLayers, NumExperts: cfg.NRoutedExperts}.Plan(ctx, ref, sorted)
+		layers, head := weightBytes(cfg)
+		plan, err := EvenSplitPlanner{NumLayers: cfg.NumHiddenLayers, NumExperts: cfg.NRoutedExperts,
+			LayerBytes: layers, HeadBytes: head}.Plan(ctx, ref, sorted)
 		if err != nil {
 			return nil, err
 		}
@@ -87,6 +89,22 @@ func (p TopologyPlanner) Plan(ctx context.Context, ref ModelRef, members []Membe
 		plan.Stages = append(plan.Stages, sa)
 	}
 	return plan, nil
+}
+
+// weightBytes is the checkpoint's size of each decoder layer and of what
+// only the head holds (the embedding, final norm, lm_head and MTP layer):
+// what a CPU stage must at least hold in memory.
+func weightBytes(cfg *model.Config) ([]int64, int64) {
+	layers := make([]int64, cfg.NumHiddenLayers)
+	var head int64
+	for _, t := range cfg.Tensors() {
+		if t.Layer >= 0 && t.Layer < cfg.NumHiddenLayers && t.Role != model.RoleMTP {
+			layers[t.Layer] += t.Bytes()
+		} else {
+			head += t.Bytes()
+		}
+	}
+	return layers, head
 }
 
 // inventoryHost describes a member's hardware the way the planner's inventory does.

@@ -121,6 +121,7 @@ func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.
 	}
 	defer l.Close()
 	log.Info("stage ready", "listen", l.Addr().String(), "next", next)
+	opts.Stages.SetMetrics(plan.Epoch, func() node.StageMetrics { return r.stageMetrics(st.StepStats()) })
 	opts.Stages.Set(plan.Epoch, node.StageReady, "")
 	return l.Serve(ctx, st, next)
 }
@@ -178,6 +179,7 @@ func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be 
 			return err
 		}
 		defer ring.Close()
+		opts.Stages.SetMetrics(epoch, func() node.StageMetrics { return r.stageMetrics(ring.StepStats()) })
 		eng = e
 		log.Info("pipeline connected: every stage is ready", "stages", S)
 	}
@@ -200,10 +202,19 @@ func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be 
 		if err := srv.RegisterCollector(telemetry.NewCollector(r.links)); err != nil {
 			return err
 		}
+		if err := srv.RegisterCollector(node.NewStageCollector(opts.Stages)); err != nil { // every stage's counters
+			return err
+		}
 	}
 	log.Info("serving", "addr", cfg.Addr(), "stages", S)
 	opts.Stages.Set(epoch, node.StageReady, "")
 	return srv.ListenAndServe(ctx)
+}
+
+// stageMetrics is this host's stage's counters for status and the other
+// members: its steps and its links (the registry holds the live epoch's).
+func (r *nodeRuntime) stageMetrics(s parallel.StepStats) node.StageMetrics {
+	return node.NewStageMetrics(s.Steps, s.Tokens, s.StepP50, s.StepP99, s.Busy, s.Idle, r.Links())
 }
 
 // Links reports this host's data-plane links for `glmtopo status`.
