@@ -9,8 +9,9 @@ package parallel
 // accepted prefix plus one token of its own, and the KV entries of rejected
 // positions (main layers and MTP layer) are rolled back by setting the
 // sequence's lengths, since attention reads only positions up to its own.
-// spec_step.go runs the steps, spec_sample.go decides acceptance, and
-// spec_engine.go holds the forwards that keep hidden rows for the MTP layer.
+// spec_step.go runs the steps, spec_pipe.go runs them with micro-batches in
+// a pipeline's ring, spec_sample.go decides acceptance, and spec_engine.go
+// holds the forwards that keep hidden rows for the MTP layer.
 
 import (
 	"bytes"

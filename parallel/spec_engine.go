@@ -118,26 +118,36 @@ func (e *Engine) specForward(rel *releaser, inputs []StepInput, logitRows []int)
 	if err := e.runRemote(inputs, h); err != nil { // the pipeline's other stages, if any (stage_head.go)
 		return nil, nil, err
 	}
-	if normed, err = rel.tensor(kernels.F32, len(ids), e.Cfg.HiddenSize); err != nil {
+	if normed, logits, err = e.specHead(rel, h, logitRows); err != nil {
+		return nil, nil, err
+	}
+	for _, in := range inputs {
+		in.Seq.Len += len(in.Tokens)
+	}
+	return normed, logits, nil
+}
+
+// specHead applies the final norm to every row of the last layer's output h
+// and lm_head to logitRows (nil logits for none).
+func (e *Engine) specHead(rel *releaser, h *kernels.Tensor, logitRows []int) (normed, logits *kernels.Tensor, err error) {
+	if normed, err = rel.tensor(kernels.F32, h.Rows(), e.Cfg.HiddenSize); err != nil {
 		return nil, nil, err
 	}
 	if err := e.BE.RMSNorm(normed, h, e.W.FinalNorm, float32(e.Cfg.RMSNormEps)); err != nil {
 		return nil, nil, fmt.Errorf("final norm: %w", err)
 	}
-	if len(logitRows) > 0 {
-		sel, err := e.gatherRows(rel, normed, logitRows)
-		if err != nil {
-			return nil, nil, err
-		}
-		if logits, err = rel.tensor(kernels.F32, len(logitRows), e.W.LMHead.Shape[0]); err != nil {
-			return nil, nil, err
-		}
-		if err := e.BE.Linear(logits, sel, e.W.LMHead, nil); err != nil {
-			return nil, nil, fmt.Errorf("lm_head: %w", err)
-		}
+	if len(logitRows) == 0 {
+		return normed, nil, nil
 	}
-	for _, in := range inputs {
-		in.Seq.Len += len(in.Tokens)
+	sel, err := e.gatherRows(rel, normed, logitRows)
+	if err != nil {
+		return nil, nil, err
+	}
+	if logits, err = rel.tensor(kernels.F32, len(logitRows), e.W.LMHead.Shape[0]); err != nil {
+		return nil, nil, err
+	}
+	if err := e.BE.Linear(logits, sel, e.W.LMHead, nil); err != nil {
+		return nil, nil, fmt.Errorf("lm_head: %w", err)
 	}
 	return normed, logits, nil
 }

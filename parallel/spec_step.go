@@ -48,7 +48,13 @@ type speculator struct {
 	accept acceptRule
 	// override, set by tests, replaces a sequence's drafts after the MTP
 	// layer made them (to verify long accepted runs on random-weight models).
-	override    func(r *request, drafts []int32)
+	override func(r *request, drafts []int32)
+	// flight holds the parts of the micro-batches in the ring, oldest
+	// first, beside headPipe.flight (spec_pipe.go).
+	flight [][]*specPart
+	// submitted, set by tests, sees each micro-batch's sequences once its
+	// rows are sent (cancelling one there cancels it in flight).
+	submitted   func(reqs []*request)
 	drafts      atomic.Int64
 	draftTokens atomic.Int64
 	accepted    atomic.Int64
@@ -107,28 +113,19 @@ type specPart struct {
 	ended  bool
 }
 
-// specStep is step() with speculation.
+// specStep is step() with speculation. A head whose ring keeps several
+// micro-batches in flight runs them (spec_pipe.go).
 func (s *Scheduler) specStep() error {
+	if r, ok := s.eng.remote.(*Ring); ok && r.pipe != nil {
+		return s.specPipeStep(r)
+	}
 	rel := &releaser{be: s.eng.BE}
 	defer rel.release()
-	parts, inputs, prefill, err := s.specPlan()
+	parts, inputs, prefill, err := s.specPlan(s.running)
 	if err != nil || len(parts) == 0 {
 		return err
 	}
-	var logitRows []int
-	for _, p := range parts {
-		if p.lrow < 0 {
-			continue
-		}
-		p.lrow = len(logitRows)
-		first := p.row
-		if p.chunk > 0 {
-			first = p.row + p.rows - 1
-		}
-		for i := first; i < p.row+p.rows; i++ {
-			logitRows = append(logitRows, i)
-		}
-	}
+	logitRows := specLogitRows(parts)
 	var normed, logits *kernels.Tensor
 	if prefill {
 		normed, logits, err = s.eng.specForward(rel, inputs, logitRows)
@@ -149,21 +146,43 @@ func (s *Scheduler) specStep() error {
 	return s.specDraft(rel, parts, normed)
 }
 
-// specPlan lays out the step: prompt chunks within the prefill budget, and
-// for every sequence past its prompt its last token and drafts as one-token
-// views. prefill says whether any prompt chunk runs.
-func (s *Scheduler) specPlan() ([]*specPart, []StepInput, bool, error) {
+// specLogitRows numbers the parts' logits rows (p.lrow) and returns the
+// step rows they come from: every row of a verify part, the last row of a
+// chunk that completes its prompt.
+func specLogitRows(parts []*specPart) []int {
+	var logitRows []int
+	for _, p := range parts {
+		if p.lrow < 0 {
+			continue
+		}
+		p.lrow = len(logitRows)
+		first := p.row
+		if p.chunk > 0 {
+			first = p.row + p.rows - 1
+		}
+		for i := first; i < p.row+p.rows; i++ {
+			logitRows = append(logitRows, i)
+		}
+	}
+	return logitRows
+}
+
+// specPlan lays out a step of reqs (the running sequences, or one
+// micro-batch's): prompt chunks within the prefill budget, and for every
+// sequence past its prompt its last token and drafts as one-token views.
+// prefill says whether any prompt chunk runs.
+func (s *Scheduler) specPlan(reqs []*request) ([]*specPart, []StepInput, bool, error) {
 	var parts []*specPart
 	var inputs []StepInput
 	// The step's tokens (--max-num-batched-tokens) go to every decoding
 	// sequence's last token first, then to drafts, then to prompt chunks.
 	budget := s.opt.PrefillTokens
-	for _, r := range s.running {
+	for _, r := range reqs {
 		if r.prefilled >= len(r.req.PromptIDs) {
 			budget--
 		}
 	}
-	for _, r := range s.running {
+	for _, r := range reqs {
 		if r.prefilled >= len(r.req.PromptIDs) {
 			r.spec.drafts = r.spec.drafts[:min(len(r.spec.drafts), max(0, budget))]
 			budget -= len(r.spec.drafts)
@@ -171,7 +190,7 @@ func (s *Scheduler) specPlan() ([]*specPart, []StepInput, bool, error) {
 	}
 	prefill := false
 	rows := 0
-	for _, r := range s.running {
+	for _, r := range reqs {
 		r.chunk = 0
 		if r.cancelled.Load() {
 			continue // aborted since reap: no more work; the next reap frees it
