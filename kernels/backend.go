@@ -196,6 +196,24 @@ type MultiLinear interface {
 	LinearMulti(outs []*Tensor, x *Tensor, ws, biases []*Tensor) (bool, error)
 }
 
+// PinnedRows is an optional Backend extension for hidden rows that cross a
+// link between stage processes every step: page-locked host buffers and
+// copies without an element-wise conversion. Without it the rows go through
+// Download and an encode loop (the CPU backend, where both are memory copies).
+type PinnedRows interface {
+	// PinHost page-locks b (once per buffer, until the backend closes) so
+	// that copies from and to it run at full bus speed. An Upload from a
+	// pinned buffer may still be running when Upload returns: the buffer
+	// must not change until the next synchronising call (DownloadRaw).
+	PinHost(b []byte) error
+	// UploadRaw copies src (F32 little-endian bytes) into t and waits for
+	// the copy, so src may change as soon as it returns.
+	UploadRaw(t *Tensor, src []byte) error
+	// DownloadRaw copies F32 tensor t's bytes (little-endian) into dst, after
+	// all work queued before it, and waits for the copy.
+	DownloadRaw(dst []byte, t *Tensor) error
+}
+
 // Backend is a device that owns tensors and runs GLM-4.5's operations.
 // Calls may be asynchronous; Download and Sample synchronise.
 // Shapes: activations are F32 [T, width] with T tokens.

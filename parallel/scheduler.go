@@ -285,11 +285,12 @@ func (s *Scheduler) loop(ctx context.Context) {
 	}
 }
 
-// reap frees cancelled sequences at once.
+// reap frees cancelled sequences at once, except those in a micro-batch
+// still in the ring (spec_pipe.go), freed once it is back.
 func (s *Scheduler) reap() {
 	kept := s.running[:0]
 	for _, r := range s.running {
-		if r.cancelled.Load() {
+		if r.cancelled.Load() && s.pipeReleasable(r) {
 			s.eng.KV.Release(&r.seq)
 			r.end(FinishAbort, context.Canceled)
 			continue

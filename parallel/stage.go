@@ -62,6 +62,7 @@ type Stage struct {
 	lastStep uint64
 	started  bool
 	stats    stageStats // read by Stats from other goroutines
+	ranks    RankGroup  // runs the layers on several ranks (ranks.go); nil: BE does
 }
 
 type stageSeq struct {
@@ -108,7 +109,14 @@ func (s *Stage) Configure(c *RingConfig) error {
 		return fmt.Errorf("%w: %d KV blocks of %d tokens", ErrStageProtocol, c.NumBlocks, c.BlockSize)
 	}
 	s.Close()
-	kv, err := NewKVPool(s.BE, kernels.DType(c.KVDType), end-first, c.NumBlocks, c.BlockSize, s.Cfg.NumKeyValueHeads, s.Cfg.HeadDim)
+	layers := end - first
+	if s.ranks != nil {
+		layers = 0 // the ranks hold the caches; the pool keeps the block bookkeeping
+		if err := s.ranks.AllocKV(kernels.DType(c.KVDType), c.NumBlocks, c.BlockSize); err != nil {
+			return fmt.Errorf("stage [%d,%d): %w", first, end, err)
+		}
+	}
+	kv, err := NewKVPool(s.BE, kernels.DType(c.KVDType), layers, c.NumBlocks, c.BlockSize, s.Cfg.NumKeyValueHeads, s.Cfg.HeadDim)
 	if err != nil {
 		return fmt.Errorf("stage [%d,%d): %w", first, end, err)
 	}
@@ -262,6 +270,9 @@ func (s *Stage) batch(metas []transport.SeqMeta) (*kernels.Batch, error) {
 
 // forward runs the stage's layers on rows in place.
 func (s *Stage) forward(b *kernels.Batch, rows []byte) error {
+	if s.ranks != nil {
+		return s.forwardRanks(b, rows)
+	}
 	meta, err := s.BE.UploadBatch(b)
 	if err != nil {
 		return err
@@ -273,6 +284,10 @@ func (s *Stage) forward(b *kernels.Batch, rows []byte) error {
 		return err
 	}
 	defer s.BE.Free(h)
+	// rows is a message buffer the stage reuses: pinned once, it takes an
+	// asynchronous upload, safe since nothing writes it before the
+	// download below, which waits for everything queued before it.
+	pinRows(s.BE, rows)
 	if err := s.BE.Upload(h, rows); err != nil {
 		return err
 	}
@@ -281,12 +296,7 @@ func (s *Stage) forward(b *kernels.Batch, rows []byte) error {
 			return err
 		}
 	}
-	out, err := s.BE.Download(h)
-	if err != nil {
-		return err
-	}
-	putF32s(rows, out)
-	return nil
+	return downloadRows(s.BE, rows, h)
 }
 
 func putF32s(dst []byte, v []float32) {

@@ -57,6 +57,19 @@ func TestPipelineGPUTwoProcesses(t *testing.T) {
 	ref := NewScheduler(whole, sopt)
 	want, one := timedWorkload(t, ref, items)
 	ref.Close()
+	// Exactness: the same batches stepped in lockstep (every prompt in one
+	// prefill step, then one decode step for all) by one process, twice
+	// (is the GPU path deterministic?), and later by the two-stage ring.
+	prompts := make([][]int, len(items))
+	for i, it := range items {
+		prompts[i] = it.req.PromptIDs
+	}
+	const lockSteps = 32
+	lockWant := greedyLockstep(t, whole, prompts, lockSteps)
+	if again := greedyLockstep(t, whole, prompts, lockSteps); !slices.EqualFunc(again, lockWant, slices.Equal) {
+		t.Errorf("one process is not deterministic: the same lockstep batches gave other tokens (%d of %d sequences differ)",
+			countDiff(again, lockWant), len(prompts))
+	}
 	// Dummy weights give near ties, and GPU kernels are not batch
 	// invariant: tokens are compared up to each request's first near tie,
 	// found decoding it alone, step by step, in the one process.
@@ -65,9 +78,7 @@ func TestPipelineGPUTwoProcesses(t *testing.T) {
 		refs[i] = nearTieRef(t, whole, it.req.PromptIDs, it.req.MaxNewTokens)
 	}
 	closeWhole()
-	if n := divergedBeforeNearTie(t, "one process, batched", want, refs); n > 0 {
-		t.Errorf("one process, batch %d: %d of %d requests diverge from the request decoded alone before its first near tie", seqs, n, len(refs))
-	}
+	divergedBeforeNearTie(t, "one process, batched", want, refs) // batch variance, for information
 	t.Logf("one process: %.0f tok/s overall, decode %.0f tok/s at batch %d", one.overall, one.decode, seqs)
 
 	cfg, err := src.Config()
@@ -85,12 +96,22 @@ func TestPipelineGPUTwoProcesses(t *testing.T) {
 		}
 	}
 	for _, m := range micro {
-		r := gpuPipelineRun(t, ctx, be, src, bounds, opt, sopt, items, m)
+		r := gpuPipelineRun(t, ctx, be, src, bounds, opt, sopt, items, m, func(head *Engine) {
+			if m != 1 {
+				return
+			}
+			got := greedyLockstep(t, head, prompts, lockSteps)
+			if n := countDiff(got, lockWant); n > 0 {
+				t.Errorf("two processes, lockstep batches: %d of %d sequences' greedy tokens differ from one process", n, len(prompts))
+			} else {
+				t.Logf("two processes, lockstep batches: greedy tokens identical to one process (%d sequences × %d tokens)", len(prompts), lockSteps)
+			}
+		})
 		what := fmt.Sprintf("two processes, %d micro-batch(es)", m)
+		// The scheduler's batches depend on when requests arrive and on the
+		// micro-batch split; GPU kernels are not batch invariant, so these
+		// runs are compared for information only.
 		diverged := divergedBeforeNearTie(t, what, r.got, refs)
-		if diverged > 0 {
-			t.Errorf("%s: %d of %d requests diverge before their first near tie (want 0)", what, diverged, len(refs))
-		}
 		diff := 0
 		for i := range want {
 			if !slices.Equal(r.got[i].tokens, want[i].tokens) {
@@ -187,7 +208,7 @@ func logRingTimes(t *testing.T, m int, r gpuRun) {
 // on the same GPU, with m micro-batches in flight, then times header-only
 // round trips of the idle ring.
 func gpuPipelineRun(t *testing.T, ctx context.Context, be kernels.Backend, src ModelSource, bounds []int, opt EngineOptions,
-	sopt SchedulerOptions, items []workItem, m int) gpuRun {
+	sopt SchedulerOptions, items []workItem, m int, lockstep func(head *Engine)) gpuRun {
 	key := []byte("glmtopo-gpu-pipeline-test-key-32")
 	acc, err := ListenHead("127.0.0.1:0", tcp.Config{Name: "head", Key: key})
 	if err != nil {
@@ -207,6 +228,7 @@ func gpuPipelineRun(t *testing.T, ctx context.Context, be kernels.Backend, src M
 	if err != nil {
 		t.Fatal(err)
 	}
+	lockstep(head)
 	s := NewScheduler(head, sopt)
 	var r gpuRun
 	r.got, r.tps = timedWorkload(t, s, items)
@@ -293,4 +315,51 @@ func timedWorkload(t *testing.T, g Generator, items []workItem) ([]workResult, t
 		tp.decode = float64(decoded) / d.Seconds()
 	}
 	return out, tp
+}
+
+// greedyLockstep steps prompts as one batch on e: every prompt in one
+// prefill step, then n-1 decode steps of one token per sequence, argmax on
+// the device. The batches are the same on every engine, so a pipeline's
+// tokens must equal one process's exactly.
+func greedyLockstep(t *testing.T, e *Engine, prompts [][]int, n int) [][]int {
+	t.Helper()
+	seqs := make([]Seq, len(prompts))
+	defer func() {
+		for i := range seqs {
+			e.KV.Release(&seqs[i])
+		}
+	}()
+	inputs := make([]StepInput, len(prompts))
+	for i, p := range prompts {
+		inputs[i] = StepInput{Seq: &seqs[i], Tokens: toI32(p)}
+	}
+	out := make([][]int, len(prompts))
+	params := make([]kernels.SampleParams, len(prompts)) // temperature 0: argmax
+	for range n {
+		res, err := e.Step(inputs, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		toks, err := e.BE.Sample(res.Logits, params)
+		res.Release()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, tok := range toks {
+			out[i] = append(out[i], int(tok))
+			inputs[i].Tokens = []int32{tok}
+		}
+	}
+	return out
+}
+
+// countDiff counts the sequences whose tokens differ.
+func countDiff(a, b [][]int) int {
+	n := 0
+	for i := range a {
+		if !slices.Equal(a[i], b[i]) {
+			n++
+		}
+	}
+	return n
 }

@@ -25,8 +25,8 @@ type RemoteLayers interface {
 // and has no stages to run the rest (once constructed: the profile and
 // warm-up steps of a head engine run over its own layers only).
 func (e *Engine) checkLayers(inputs []StepInput) error {
-	if e.remote == nil && !e.warming && len(e.W.Layers) < e.Cfg.NumHiddenLayers && e.plan.KVBlocks > 0 {
-		return fmt.Errorf("engine: holds layers [0,%d) of %d and no pipeline stages are attached", len(e.W.Layers), e.Cfg.NumHiddenLayers)
+	if e.remote == nil && !e.warming && e.ownLayers() < e.Cfg.NumHiddenLayers && e.plan.KVBlocks > 0 {
+		return fmt.Errorf("engine: holds layers [0,%d) of %d and no pipeline stages are attached", e.ownLayers(), e.Cfg.NumHiddenLayers)
 	}
 	return nil
 }
@@ -71,12 +71,16 @@ type Ring struct {
 	rtt      time.Duration // summed send-to-answer times of the steps
 	mu       sync.Mutex    // guards err and the counters, read by Err and Stats
 	steps    int64
+	head     stepRecorder  // the head stage's own steps (StepStats)
+	lastEnd  time.Time     // when the last synchronous step's answer was in
+	lastWait time.Duration // the last recv's wait for its answer
 }
 
 type ringSeq struct {
 	id     uint64
 	blocks []int32 // blocks the stages were told of
 	len    int     // tokens the stages hold
+	step   uint64  // the last step that carried it
 }
 
 // RingOptions configure ConnectRing.
@@ -87,7 +91,8 @@ type RingOptions struct {
 	// MicroBatches is how many micro-batches the head's scheduler keeps in
 	// the ring (stage_sched.go): S stages need S to keep every stage busy
 	// during decode. 0 or 1: one step at a time; negative: one per stage.
-	// (Speculative decoding runs one step at a time either way.)
+	// Speculative decoding keeps them in flight too (spec_pipe.go); its
+	// MTP draft at the head makes S+1 the number that hides the head's work.
 	MicroBatches int
 }
 
@@ -100,7 +105,7 @@ func ConnectRing(ctx context.Context, e *Engine, out, in transport.Link, opt Rin
 		opt.StepTimeout = 5 * time.Second
 	}
 	cfg := &RingConfig{ConfigHash: configHash(e.Cfg), Hidden: e.Cfg.HiddenSize, NumBlocks: e.KV.NumBlocks,
-		BlockSize: e.KV.BlockSize, KVDType: int(e.KV.Layers[0].K.DType), Ranges: [][2]int{{0, len(e.W.Layers)}}}
+		BlockSize: e.KV.BlockSize, KVDType: int(e.kvDType), Ranges: [][2]int{{0, e.ownLayers()}}}
 	if e.graphs != nil {
 		cfg.NumBlocks++ // the graphs' scratch block is an id too (kvcache.go takeScratch)
 	}
@@ -177,14 +182,55 @@ func (r *Ring) Layers(inputs []StepInput, h *kernels.Tensor) error {
 		return err
 	}
 	start := time.Now()
+	continued, prevEnd := r.continues(inputs), r.lastEnd
 	if err := r.fail(r.roundTrip(inputs, h)); err != nil {
 		return err
 	}
+	end := time.Now()
+	r.lastEnd = end
 	r.mu.Lock()
 	r.steps++
-	r.stepTime += time.Since(start)
+	r.stepTime += end.Sub(start)
 	r.mu.Unlock()
+	r.recordSync(inputs, start, end, prevEnd, continued)
 	return nil
+}
+
+// recordSync records a synchronous step in the head's StepStats. The
+// head's compute of a step surrounds Layers, in the engine and the
+// scheduler: the time from the previous step's answer to this step's send
+// holds the previous step's lm_head and sampling and this one's embedding
+// and first layers, so it is one step's head compute, provided the
+// scheduler did not sit idle in between. It did not if a sequence of this
+// step was in the previous one (the scheduler waits only with no sequence
+// running); other steps count without a compute time.
+func (r *Ring) recordSync(inputs []StepInput, start, end, prevEnd time.Time, continued bool) {
+	T := 0
+	for _, in := range inputs {
+		T += len(in.Tokens)
+	}
+	if T == 0 {
+		return
+	}
+	if !continued || prevEnd.IsZero() {
+		r.head.count(T)
+		return
+	}
+	r.head.step(T, start.Sub(prevEnd)+end.Sub(start)-r.lastWait)
+}
+
+// continues reports whether a sequence of inputs was in the ring's last
+// step.
+func (r *Ring) continues(inputs []StepInput) bool {
+	for _, in := range inputs {
+		if len(in.Seq.Blocks) == 0 {
+			continue
+		}
+		if t := r.seqs[in.Seq.Blocks[0]]; t != nil && t.step == r.step {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *Ring) broken() error {
@@ -311,7 +357,9 @@ func (r *Ring) recv(h *kernels.Tensor) error {
 	if h == nil || h.Rows() != p.T {
 		return fmt.Errorf("ring step %d: %d rows back and no tensor of that many rows to hold them", p.step, p.T)
 	}
-	if err := r.be.Upload(h, back.Payloads[0].Host); err != nil {
+	// The receiver reuses the buffer once released: a synchronous copy.
+	pinRows(r.be, back.Payloads[0].Host)
+	if err := uploadRowsSync(r.be, h, back.Payloads[0].Host); err != nil {
 		return fmt.Errorf("ring step %d: upload final hidden rows: %w", p.step, err)
 	}
 	return nil
@@ -323,16 +371,15 @@ func (r *Ring) packRows(h *kernels.Tensor, T int) error {
 	if h == nil || h.Rows() != T || h.Cols() != r.hidden {
 		return fmt.Errorf("ring step %d: hidden rows %v for %d tokens of width %d", r.step, h, T, r.hidden)
 	}
-	rows, err := r.be.Download(h)
-	if err != nil {
-		return fmt.Errorf("ring step %d: download hidden rows: %w", r.step, err)
-	}
-	n := 4 * len(rows)
+	n := 4 * T * r.hidden
 	if cap(r.rowBuf) < n {
 		r.rowBuf = make([]byte, n)
 	}
 	r.rowBuf = r.rowBuf[:n]
-	putF32s(r.rowBuf, rows)
+	pinRows(r.be, r.rowBuf)
+	if err := downloadRows(r.be, r.rowBuf, h); err != nil {
+		return fmt.Errorf("ring step %d: download hidden rows: %w", r.step, err)
+	}
 	r.msg.Header.Tensors = []transport.TensorMeta{{DType: transport.DTypeF32, Shape: []int64{int64(T), int64(r.hidden)}, Bytes: int64(n)}}
 	r.msg.Payloads = append(r.msg.Payloads, transport.HostBuffer(r.rowBuf))
 	return nil
@@ -394,6 +441,7 @@ func (r *Ring) meta(in StepInput) transport.SeqMeta {
 		t = &ringSeq{id: r.nextID}
 		r.seqs[key] = t
 	}
+	t.step = r.step
 	m := transport.SeqMeta{ID: t.id, Position: int64(in.Seq.Len), Tokens: int32(len(in.Tokens)),
 		NewBlocks: append([]int32(nil), in.Seq.Blocks[len(t.blocks):]...)}
 	for _, b := range m.NewBlocks {
@@ -416,6 +464,16 @@ type RingStats struct {
 	HeadWait time.Duration
 }
 
+// StepStats returns the head stage's counters (Idle: its waits for the
+// last stage's answers); safe while the head steps.
+func (r *Ring) StepStats() StepStats {
+	s := r.head.snapshot()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s.Idle = r.waitTime
+	return s
+}
+
 // Stats returns the ring's counters.
 func (r *Ring) Stats() RingStats {
 	r.mu.Lock()
@@ -433,6 +491,7 @@ func (r *Ring) sentAt(step uint64, t time.Time) {
 // answered records a step's round trip and the head's wait for it.
 func (r *Ring) answered(step uint64, waitStart, arrived time.Time) {
 	wait := time.Since(waitStart)
+	r.lastWait = wait
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if t, ok := r.sent[step]; ok {

@@ -33,6 +33,9 @@ func OpenHead(ctx context.Context, src ModelSource, be kernels.Backend, end int,
 	if end <= 0 || end >= cfg.NumHiddenLayers {
 		return nil, nil, fmt.Errorf("head stage: layers [0,%d) of %d: a pipeline head holds some layers, not all", end, cfg.NumHiddenLayers)
 	}
+	if opt.Ranks.Enabled() {
+		return openRanked(ctx, src, cfg, be, end, opt, progress)
+	}
 	sel := model.Selection{FirstLayer: 0, EndLayer: end, Embedding: true, LMHead: true, MTP: cfg.HasMTP()}
 	w, release, err := loadSelection(ctx, src, cfg, sel, be, progress)
 	if err != nil {

@@ -106,8 +106,11 @@ func (rr *ringReceiver) stop() {
 
 // StageStats are an executor stage's counters: where its time went.
 type StageStats struct {
-	Steps int64         // steps with hidden rows run (not the configuration, not header-only steps)
-	Busy  time.Duration // running its layers
+	Steps  int64         // steps with hidden rows run (not the configuration, not header-only steps)
+	Tokens int64         // those steps' rows
+	Busy   time.Duration // running its layers
+	// StepP50 and StepP99 are quantiles of a step's time in its layers.
+	StepP50, StepP99 time.Duration
 	// Idle is the time it waited for its next input with nothing to run:
 	// the stage's bubble.
 	Idle time.Duration
@@ -117,27 +120,29 @@ type StageStats struct {
 }
 
 type stageStats struct {
-	mu sync.Mutex
-	s  StageStats
+	rec      stepRecorder
+	mu       sync.Mutex
+	recvWait time.Duration
 }
 
-func (t *stageStats) ran(idle, busy time.Duration) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.s.Steps++
-	t.s.Idle += idle
-	t.s.Busy += busy
-}
+// ran records a step of tokens rows that ran for busy.
+func (t *stageStats) ran(tokens int, busy time.Duration) { t.rec.step(tokens, busy) }
 
 func (t *stageStats) received(wait time.Duration) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.s.RecvWait += wait
+	t.recvWait += wait
 }
 
 // Stats returns the stage's counters; safe while it serves.
 func (s *Stage) Stats() StageStats {
+	st := s.stats.rec.snapshot()
 	s.stats.mu.Lock()
 	defer s.stats.mu.Unlock()
-	return s.stats.s
+	return StageStats{Steps: st.Steps, Tokens: st.Tokens, Busy: st.Busy, StepP50: st.StepP50, StepP99: st.StepP99,
+		Idle: st.Idle, RecvWait: s.stats.recvWait}
 }
+
+// StepStats returns the stage's counters in the form the head's share
+// (Ring.StepStats); safe while it serves.
+func (s *Stage) StepStats() StepStats { return s.stats.rec.snapshot() }

@@ -2,6 +2,7 @@ package parallel
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
@@ -35,6 +36,7 @@ type pipeBatch struct {
 	order  []*request
 	inputs []StepInput
 	T      int
+	front  time.Duration // the head's compute sending it (frontStep)
 }
 
 func newHeadPipe(depth int) (*headPipe, error) {
@@ -134,9 +136,11 @@ func (s *Scheduler) submitMicroBatch(r *Ring, p *headPipe, mb *pipeBatch) error 
 	ready := p.sched.Ready()
 	p.sched.Advance()
 	mb.step = ready.Dispatch[0].Step
+	start := time.Now()
 	if err := s.eng.frontStep(r, mb.inputs); err != nil {
 		return err
 	}
+	mb.front = time.Since(start)
 	p.flight = append(p.flight, mb)
 	p.peak = max(p.peak, len(p.flight))
 	return nil
@@ -144,14 +148,22 @@ func (s *Scheduler) submitMicroBatch(r *Ring, p *headPipe, mb *pipeBatch) error 
 
 // completeMicroBatch receives the oldest micro-batch's rows, runs the
 // head, samples and updates its sequences as Scheduler.step does.
-func (s *Scheduler) completeMicroBatch(r *Ring, p *headPipe) error {
+func (s *Scheduler) completeMicroBatch(r *Ring, p *headPipe) (err error) {
 	mb := p.flight[0]
 	p.flight = p.flight[1:]
+	start := time.Now()
 	res, err := s.eng.backStep(r, mb.inputs, mb.T)
 	if err != nil {
 		return err
 	}
 	defer res.Release()
+	// The head's compute of the micro-batch: its front half, and this
+	// half less the wait for the rows (Ring.StepStats).
+	defer func() {
+		if err == nil {
+			r.head.step(mb.T, mb.front+time.Since(start)-r.lastWait)
+		}
+	}()
 	if err := p.sched.Step(pipeline.Event{Type: pipeline.StageDone, Step: mb.step, Stage: p.depth - 1}); err != nil {
 		return err
 	}
@@ -302,7 +314,7 @@ func (e *Engine) runLayers(f *model.Forward, ws *workspace, h *kernels.Tensor) e
 			return err
 		}
 	}
-	return nil
+	return e.runRanks(h) // the rank group's layers, if any (ranks.go)
 }
 
 // stepBackend is the backend a step half allocates from: the step

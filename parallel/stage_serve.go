@@ -133,12 +133,14 @@ func (p *stagePump) run(ctx context.Context) error {
 			return nil // the head closed the ring
 		}
 		busy := time.Now()
+		p.st.stats.rec.wait(busy.Sub(idle))
 		rows := m.Header.Kind == transport.KindActivations && len(m.Payloads) > 0
+		tokens := stepRows(m.Header.Seqs) // before runMessage: the last stage's answer drops the header's sequences
 		if err := p.st.runMessage(m, last); err != nil {
 			return err
 		}
 		if rows {
-			p.st.stats.ran(busy.Sub(idle), time.Since(busy)) // steps with rows only: not the configuration or frees
+			p.st.stats.ran(tokens, time.Since(busy)) // steps with rows only: not the configuration or frees
 		}
 		select {
 		case p.toSend <- m:

@@ -100,7 +100,16 @@ func inProcessPipeline(t testing.TB, dir string, bounds []int, opt EngineOptions
 
 func inProcessPipelineOpt(t testing.TB, dir string, bounds []int, opt EngineOptions, ropt RingOptions) (*Engine, *Ring) {
 	t.Helper()
+	head, ring, _ := inProcessPipelineStages(t, dir, bounds, opt, ropt)
+	return head, ring
+}
+
+// inProcessPipelineStages is inProcessPipelineOpt that also returns the
+// executor stages, in ring order.
+func inProcessPipelineStages(t testing.TB, dir string, bounds []int, opt EngineOptions, ropt RingOptions) (*Engine, *Ring, []*Stage) {
+	t.Helper()
 	head := loadHeadEngine(t, dir, bounds[1], opt)
+	var stages []*Stage
 	S := len(bounds) - 1
 	// links[i] joins stage i to stage i+1 (mod S): the last one closes the ring.
 	type end struct{ a, b transport.Link }
@@ -118,6 +127,7 @@ func inProcessPipelineOpt(t testing.TB, dir string, bounds []int, opt EngineOpti
 			t.Fatal(err)
 		}
 		t.Cleanup(st.Close)
+		stages = append(stages, st)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -140,7 +150,7 @@ func inProcessPipelineOpt(t testing.TB, dir string, bounds []int, opt EngineOpti
 			t.Errorf("stage: %v", err)
 		}
 	})
-	return head, ring
+	return head, ring, stages
 }
 
 func wholeEngine(t testing.TB, dir string, opt EngineOptions) *Engine {

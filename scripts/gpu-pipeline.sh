@@ -35,7 +35,7 @@ run() {
 	[ "$mps_started" = 1 ] && echo quit | nvidia-cuda-mps-control
 	# Decode tok/s one process vs two (target >= 80%), then per ring step: round trip, head and stage bubble, stage
 	# compute, and the header-only hop latency.
-	grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|per step|differ|diverge|near tie|panic|Error' "$OUT/pipeline.log" | cut -c1-400
+	grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|per step|differ|diverge|near tie|lockstep|deterministic|panic|Error' "$OUT/pipeline.log" | cut -c1-400
 	echo "gpu-pipeline rc=$rc"
 	return $rc
 }

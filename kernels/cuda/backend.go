@@ -139,6 +139,7 @@ type Backend struct {
 
 	metas    [4]*buf
 	metaNext int
+	pinned   map[unsafe.Pointer]int // PinHost's page-locked host buffers: address → bytes
 	experts  map[expertKey]*expertTable
 
 	// RouteObserver, when set, receives every Route's expert ids (it
@@ -432,6 +433,7 @@ func (b *Backend) closeLocked() error {
 	if b.stream != 0 {
 		errs = append(errs, b.d.check(b.d.cuStreamSynchronize(b.stream), "close: synchronize"))
 	}
+	b.unpinAll()
 	if b.blas != nil {
 		b.blas.cublasDestroy(b.blas.handle)
 		b.blas = nil
