@@ -132,6 +132,14 @@ func TestSpecPipeTokensIdentical(t *testing.T) {
 // each prompt chunk starts where the prompt's cache ends.
 func checkSpecHeader(ring *Ring, reqs []*request) []string {
 	var errs []string
+	if mb := ring.msg.Header.MicroBatch; int(mb) >= ring.pipe.depth {
+		errs = append(errs, fmt.Sprintf("step %d: header names micro-batch %d of %d", ring.msg.Header.Step, mb, ring.pipe.depth))
+	}
+	for _, f := range ring.pipe.flight[:len(ring.pipe.flight)-1] { // the slot is free among those in flight
+		if uint32(uint64(f.step)%uint64(ring.pipe.depth)) == ring.msg.Header.MicroBatch {
+			errs = append(errs, fmt.Sprintf("step %d: micro-batch slot %d is already in flight", ring.msg.Header.Step, ring.msg.Header.MicroBatch))
+		}
+	}
 	for _, r := range reqs {
 		id := ring.seqs[r.seq.Blocks[0]].id
 		var pos []int64

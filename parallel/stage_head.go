@@ -56,24 +56,26 @@ type Ring struct {
 	timeout  time.Duration
 	step     uint64
 	nextID   uint64
-	released []int32            // blocks the head's pool got back since the last step
-	pending  []ringPending      // steps sent whose rows are not back, oldest first
-	pipe     *headPipe          // the scheduler's micro-batches in flight (stage_sched.go); nil: one at a time
-	seqs     map[int32]*ringSeq // by the sequence's first block
-	owner    map[int32]int32    // block → the first block of the sequence the stages think holds it
-	err      error
-	msg      transport.Message
-	rowBuf   []byte
-	rx       *ringReceiver // reads the last stage's answers (stage_recv.go)
-	stepTime time.Duration
-	waitTime time.Duration // the head idle in recv, waiting for an answer
-	sent     map[uint64]time.Time
-	rtt      time.Duration // summed send-to-answer times of the steps
-	mu       sync.Mutex    // guards err and the counters, read by Err and Stats
-	steps    int64
-	head     stepRecorder  // the head stage's own steps (StepStats)
-	lastEnd  time.Time     // when the last synchronous step's answer was in
-	lastWait time.Duration // the last recv's wait for its answer
+	released []int32       // blocks the head's pool got back since the last step
+	pending  []ringPending // steps sent whose rows are not back, oldest first
+	pipe     *headPipe     // the scheduler's micro-batches in flight (stage_sched.go); nil: one at a time
+	// microBatch is the next send's micro-batch slot (submitMicroBatch sets it).
+	microBatch uint32
+	seqs       map[int32]*ringSeq // by the sequence's first block
+	owner      map[int32]int32    // block → the first block of the sequence the stages think holds it
+	err        error
+	msg        transport.Message
+	rowBuf     []byte
+	rx         *ringReceiver // reads the last stage's answers (stage_recv.go)
+	stepTime   time.Duration
+	waitTime   time.Duration // the head idle in recv, waiting for an answer
+	sent       map[uint64]time.Time
+	rtt        time.Duration // summed send-to-answer times of the steps
+	mu         sync.Mutex    // guards err and the counters, read by Err and Stats
+	steps      int64
+	head       stepRecorder  // the head stage's own steps (StepStats)
+	lastEnd    time.Time     // when the last synchronous step's answer was in
+	lastWait   time.Duration // the last recv's wait for its answer
 }
 
 type ringSeq struct {
@@ -294,7 +296,8 @@ type ringPending struct {
 func (r *Ring) send(inputs []StepInput, h *kernels.Tensor) error {
 	r.step++
 	hd := &r.msg.Header
-	*hd = transport.Header{Step: r.step, Kind: transport.KindActivations, Seqs: r.freed(inputs)}
+	*hd = transport.Header{Step: r.step, MicroBatch: r.microBatch, Kind: transport.KindActivations, Seqs: r.freed(inputs)}
+	r.microBatch = 0 // a synchronous step (or a frees-only flush) is micro-batch 0
 	T := 0
 	for _, in := range inputs {
 		hd.Seqs = append(hd.Seqs, r.meta(in))

@@ -136,6 +136,9 @@ func (s *Scheduler) submitMicroBatch(r *Ring, p *headPipe, mb *pipeBatch) error 
 	ready := p.sched.Ready()
 	p.sched.Advance()
 	mb.step = ready.Dispatch[0].Step
+	// The header names the micro-batch: a slot that no other micro-batch in
+	// flight holds (at most depth are, and steps are dispatched in order).
+	r.microBatch = uint32(uint64(mb.step) % uint64(p.depth))
 	start := time.Now()
 	if err := s.eng.frontStep(r, mb.inputs); err != nil {
 		return err
