@@ -37,6 +37,15 @@ type Engine struct {
 	remote   RemoteLayers
 	remoteIn []StepInput
 	warming  bool // NewEngine's profile and warm-up steps are running
+
+	// ranks, when set, runs the decoder layers on several ranks (ranks.go);
+	// stepBatch is the current step's batch it needs, kvDType the cache's.
+	ranks     RankGroup
+	stepBatch *kernels.Batch
+	kvDType   kernels.DType
+	// comm, when set, is the one-rank communicator every Forward of this
+	// engine's own layers calls (comm.go).
+	comm *model.RankComm
 }
 
 // EngineOptions size the KV cache and choose how decode steps run.
@@ -85,16 +94,38 @@ type EngineOptions struct {
 	// 256 tokens); the buckets double up to the KV pool's capacity.
 	GraphMinContext int
 	Logger          *slog.Logger // nil: slog.Default()
+	// Ranks, with more than one rank, makes Open and OpenHead run the
+	// decoder layers on that many ranks of this process (ranks.go).
+	Ranks RankOptions
+	// Collective, when set, is a one-rank communicator (an NCCL
+	// TensorAllReducer of world size 1 on a GPU) that the engine's layers
+	// call after o_proj, the dense MLP and each MoE layer, as a rank of a
+	// tensor-parallel stage does: the single-GPU engine then runs the
+	// multi-rank code path (comm.go).
+	Collective kernels.Collective
 }
 
 // NewEngine wraps loaded weights; w must hold the whole model.
 func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine, error) {
+	return newEngine(be, w, nil, opt)
+}
+
+func newEngine(be kernels.Backend, w *model.Weights, ranks RankGroup, opt EngineOptions) (*Engine, error) {
 	c := w.Config
 	s := w.Selection
+	if ranks != nil {
+		_, s.EndLayer = ranks.Layers() // the group holds the layers
+	} else if opt.Ranks.Enabled() {
+		return nil, fmt.Errorf("engine: EngineOptions.Ranks asks for %d ranks: Open or OpenHead load the ranks' slices (NewEngine runs the layers on its backend)", opt.Ranks.Ranks)
+	}
 	// A head stage holds layers [0, k) and runs the rest through AttachRemote.
 	if s.FirstLayer != 0 || s.EndLayer > c.NumHiddenLayers || s.EndLayer <= 0 || !s.Embedding || !s.LMHead {
 		return nil, fmt.Errorf("engine: weights hold layers [%d,%d) of %d (embedding %v, lm_head %v); the engine needs the embedding, lm_head and the first layers",
 			s.FirstLayer, s.EndLayer, c.NumHiddenLayers, s.Embedding, s.LMHead)
+	}
+	comm, err := oneRankComm(opt.Collective, ranks)
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
 	}
 	lenGiven := opt.MaxModelLen > 0
 	if err := opt.withDefaults(c); err != nil {
@@ -105,9 +136,13 @@ func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine
 		layers++
 	}
 	gb, graphs := be.(graphBackend)
-	graphs = graphs && !opt.EnforceEager
-	e := &Engine{Cfg: c, BE: be, W: w, maxModelLen: opt.MaxModelLen}
-	plan, err := e.planMemory(opt, layers, graphs, lenGiven)
+	graphs = graphs && !opt.EnforceEager && ranks == nil // a graph cannot hold the ranks' steps
+	e := &Engine{Cfg: c, BE: be, W: w, maxModelLen: opt.MaxModelLen, ranks: ranks, kvDType: opt.KVDType, comm: comm}
+	planLayers := layers
+	if ranks != nil {
+		planLayers += s.EndLayer // the KV cache per block counts every layer's, wherever it lives
+	}
+	plan, err := e.planMemory(opt, planLayers, graphs, lenGiven)
 	if err != nil {
 		e.ws.free(be)
 		return nil, fmt.Errorf("engine: %w", err)
@@ -123,6 +158,12 @@ func NewEngine(be kernels.Backend, w *model.Weights, opt EngineOptions) (*Engine
 			"or set --kv-cache-memory-bytes", gibString(plan.KVBytes), plan.KVBlocks, plan.Source, err)
 	}
 	e.KV = kv
+	if ranks != nil {
+		if err := ranks.AllocKV(opt.KVDType, blocks, opt.BlockSize); err != nil {
+			e.Close()
+			return nil, fmt.Errorf("engine: ranks' KV cache (%d blocks): %w", blocks, err)
+		}
+	}
 	e.maxModelLen = plan.MaxModelLen
 	if e.ws != nil {
 		e.maxNumSeqs = opt.MaxNumSeqs
@@ -271,6 +312,9 @@ func (e *Engine) batch(inputs []StepInput, mtp bool) (*kernels.Batch, []int32, e
 	if err := b.Validate(e.KV.BlockSize); err != nil {
 		return nil, nil, err
 	}
+	if !mtp {
+		e.stepBatch = b // for the rank group, if any (runRanks)
+	}
 	return b, ids, nil
 }
 
@@ -315,7 +359,7 @@ func (e *Engine) Step(inputs []StepInput, allRows bool) (*StepResult, error) {
 		ws.begin()
 		be = arenaBackend{e.BE, ws}
 	}
-	f := &model.Forward{Cfg: e.Cfg, BE: be, Meta: meta, T: len(ids)}
+	f := e.newForward(be, meta, len(ids))
 	res := &StepResult{release: f.Release, Rows: rows}
 	e.remoteIn = inputs
 	if res.Normed, res.Logits, err = e.forward(f, ws, ids, rows, e.KV.Layers); err != nil {
@@ -355,6 +399,11 @@ func (e *Engine) forward(f *model.Forward, ws *workspace, ids []int32, rows []in
 		}
 		if e.OnLayer != nil {
 			e.OnLayer(lw.Index, h)
+		}
+	}
+	if caches != nil { // the rank group's layers, if any (ranks.go)
+		if err := e.runRanks(h); err != nil {
+			return nil, nil, err
 		}
 	}
 	if caches != nil { // the pipeline's other stages, if any (stage_head.go)
@@ -410,7 +459,7 @@ func (e *Engine) mtpInput(inputs []StepInput, hPrev *kernels.Tensor) (*model.For
 	if err != nil {
 		return nil, nil, err
 	}
-	return &model.Forward{Cfg: e.Cfg, BE: e.BE, Meta: meta, T: len(ids)}, ids, nil
+	return e.newForward(e.BE, meta, len(ids)), ids, nil
 }
 
 // MTPStep runs the MTP layer: inputs carry, per sequence, the tokens that

@@ -344,7 +344,7 @@ func (g *decodeGraphs) close() {
 // host transfer, so that it can be captured: the embedding of the persistent
 // ids, every layer, the final norm and lm_head, all into the arena.
 func (e *Engine) graphForward(a *graphArena, meta kernels.BatchMeta) error {
-	f := &model.Forward{Cfg: e.Cfg, BE: arenaBackend{e.BE, a}, Meta: meta, T: a.seqs}
+	f := &model.Forward{Cfg: e.Cfg, BE: arenaBackend{e.BE, a}, Meta: meta, T: a.seqs, Ranks: e.comm} // comm.go
 	if err := e.BE.Embed(a.h, e.W.Embed, a.ids); err != nil {
 		return fmt.Errorf("embed: %w", err)
 	}

@@ -63,6 +63,9 @@ func Open(ctx context.Context, src ModelSource, be kernels.Backend, opt EngineOp
 	if err := checkWeightsFit(cfg, be, opt); err != nil {
 		return nil, nil, err
 	}
+	if opt.Ranks.Enabled() {
+		return openRanked(ctx, src, cfg, be, cfg.NumHiddenLayers, opt, progress)
+	}
 	var w *model.Weights
 	release := func() {}
 	if src.Dummy() {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 
 	"github.com/glmtopo/glmtopo/kernels"
-	"github.com/glmtopo/glmtopo/model"
 )
 
 // The engine's forwards for speculative steps. A verify step whose every
@@ -106,7 +105,7 @@ func (e *Engine) specForward(rel *releaser, inputs []StepInput, logitRows []int)
 		ws.begin()
 		be = arenaBackend{e.BE, ws}
 	}
-	f := &model.Forward{Cfg: e.Cfg, BE: be, Meta: meta, T: len(ids)}
+	f := e.newForward(be, meta, len(ids))
 	rel.add(f.Release)
 	h, err := f.Embed(e.W.Embed, ids)
 	if err != nil {

@@ -11,7 +11,7 @@ gpu_tests() {
 	(cd kernels/cuda && timeout 420 ../../bin/gpu/cuda.test -test.count=1 -test.v >"$OUT/cuda-tests.log" 2>&1)
 	echo "cuda tests rc=$? passed=$(grep -c -- '--- PASS' "$OUT/cuda-tests.log") failed=$(grep -c -- '--- FAIL' "$OUT/cuda-tests.log")"
 	grep -B8 -- "--- FAIL" "$OUT/cuda-tests.log" | head -60
-	(cd parallel && timeout 120 ../bin/gpu/parallel.test -test.count=1 -test.v -test.run "${PARALLEL_RUN:-GPU}" >"$OUT/parallel-tests.log" 2>&1)
+	(cd parallel && timeout 300 ../bin/gpu/parallel.test -test.count=1 -test.v -test.run "${PARALLEL_RUN:-GPU}" >"$OUT/parallel-tests.log" 2>&1)
 	echo "parallel tests rc=$? passed=$(grep -c -- '--- PASS' "$OUT/parallel-tests.log") failed=$(grep -c -- '--- FAIL' "$OUT/parallel-tests.log")"
 	grep -B8 -- "--- FAIL" "$OUT/parallel-tests.log" | head -30
 }

@@ -109,6 +109,12 @@ func (b *bench) decode(B int) (Result, error) {
 		r.GraphSeconds = gs
 		r.StepSeconds = min(dev, gs)
 	}
+	r.routes = b.routes
+	if b.o.TP == 1 {
+		if r.OneRank, err = b.oneRank(bt, rows, b.o.Warmup, b.o.Iters); err != nil { // tp.go
+			return r, fmt.Errorf("one-rank communicator: %w", err)
+		}
+	}
 	return r, nil
 }
 

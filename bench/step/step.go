@@ -2,11 +2,22 @@
 // GLM-4.5-shaped layers on one GPU and prints each beside its floor, the
 // bytes the step must read over the HBM read bandwidth (and, for prefill,
 // the FLOPs over the GEMM throughput) measured by the same run on the same GPU.
+//
+// --tensor-parallel-size N adds each decode batch's floor on N GPUs of a
+// tensor-parallel stage (tp.go, rankfloor.go): the bytes the busiest GPU
+// reads over the HBM rate plus the all-reduces at the rate `glmtopo bench
+// collective --json` measured (--collective-json) or the catalog's. N = 1
+// also times every decode step through a one-rank NCCL communicator against
+// the plain path. N > 1 is predicted, not timed: that needs N GPUs and the
+// multi-GPU stage; the run still times the single-GPU steps it predicts
+// from, or without a GPU prints the floor alone. --floor-only builds and
+// times nothing (no GPU needed). Neither is an error: both exit 0.
 package step
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -51,6 +62,12 @@ type Options struct {
 	// CalibrationOut, when set, receives the measured HBM and GEMM efficiencies
 	// for `glmtopo plan --calibration` (merged into an existing file).
 	CalibrationOut string
+	// Tensor-parallel floor and the one-rank communicator path (tp.go).
+	TP             int  // --tensor-parallel-size; 0: not asked
+	ExpertParallel bool // --enable-expert-parallel
+	CollectiveJSON string
+	FloorOnly      bool
+	GPU            string // catalog GPU for a floor without a device
 }
 
 // Report is the --json output.
@@ -71,6 +88,9 @@ type Report struct {
 	ElapsedSecond float64  `json:"elapsed_s"`
 
 	Speculative []SpecResult `json:"speculative,omitempty"` // --speculative-tokens (spec.go)
+	// TensorParallel is --tensor-parallel-size's floor on N GPUs and, with
+	// N = 1, the one-rank communicator's timings (tp.go).
+	TensorParallel *TPReport `json:"tensor_parallel,omitempty"`
 }
 
 // Result is one timed phase.
@@ -90,6 +110,11 @@ type Result struct {
 	Efficiency      float64          `json:"efficiency"` // max(floor) / step
 	DistinctExperts float64          `json:"distinct_experts_per_moe_layer"`
 	Breakdown       map[string]int64 `json:"floor_bytes_by_part"`
+	// OneRank times the step again through a one-rank communicator
+	// (--tensor-parallel-size 1, decode only; tp.go).
+	OneRank *OneRankResult `json:"one_rank,omitempty"`
+
+	routes [][]int // per MoE layer, the distinct experts the step routed to
 }
 
 func parseInts(s string) ([]int, error) {
@@ -137,6 +162,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&o.Graph, "cuda-graph", true, "also time decode steps replayed from a captured CUDA graph")
 	fs.IntVar(&o.SpecTokens, "speculative-tokens", 0, "also time the MTP speculative step with N drafts (1..4): verify and draft beside decode, tokens/s at acceptance 0.6/0.8/0.9")
 	fs.StringVar(&o.CalibrationOut, "calibration-out", "", "write the efficiencies the engine achieved to this calibration file (for glmtopo plan --calibration)")
+	addTPFlags(fs, &o)
 	if err := cliflag.Parse(fs, args); err != nil {
 		return err
 	}
@@ -156,7 +182,20 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if o.Layers <= 0 || o.Context < 0 || o.Prefill < 0 || o.Iters <= 0 || o.BlockSize <= 0 {
 		return fmt.Errorf("bench step: --layers, --iters and --block-size must be positive, --context and --prefill not negative")
 	}
+	if err := o.checkTP(); err != nil {
+		return err
+	}
+	run := run
+	if o.FloorOnly {
+		run = runFloorOnly // tp.go
+	}
 	rep, err := run(ctx, o, stderr)
+	if errors.Is(err, cuda.ErrNoCUDA) && o.TP > 1 {
+		// N GPUs are predicted, not timed, anyway: without a GPU print the floor.
+		fmt.Fprintf(stderr, "bench step: %v: printing the floor on %d GPUs only (--floor-only)\n", err, o.TP)
+		o.FloorOnly = true
+		rep, err = runFloorOnly(ctx, o, stderr)
+	}
 	if err != nil {
 		return err
 	}
@@ -166,8 +205,11 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(rep)
 	}
-	printTable(stdout, rep)
-	printSpecTable(stdout, rep)
+	if !o.FloorOnly {
+		printTable(stdout, rep)
+		printSpecTable(stdout, rep)
+	}
+	printTPTable(stdout, rep)
 	return nil
 }
 
@@ -217,6 +259,14 @@ type bench struct {
 	// The MTP layer's cache and the uncut model's depth (spec.go).
 	mtpCache   *kernels.KVCache
 	fullLayers int
+	// ranks, when set, is the communicator the layers sum through; tp and
+	// ar are --tensor-parallel-size's report and all-reduce rate (tp.go).
+	ranks *model.RankComm
+	tp    *TPReport
+	ar    allReduceRate
+	// routes are the distinct experts of each MoE layer of the last
+	// touched step.
+	routes [][]int
 }
 
 // profile runs one step of bt through the per-operation profiler.
@@ -280,6 +330,11 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 	if rep.GemmFLOPS, err = be.GemmFLOPS(8192, 8192, 8192, 10); err != nil {
 		return nil, fmt.Errorf("gemm throughput: %w", err)
 	}
+	if o.TP > 0 { // the floor's rates, before anything is timed (tp.go)
+		if b.tp, b.ar, err = newTPReport(o, be.DeviceName(), uint64(be.MemoryBytes()), rep.ReadBW); err != nil {
+			return nil, err
+		}
+	}
 	fmt.Fprintf(log, "bench step: making %d layers of %s weights on the GPU\n", cfg.NumHiddenLayers, o.Model)
 	// Every layer, the embedding, final norm and lm_head; the MTP layer with --speculative-tokens.
 	w, freeWeights, err := model.DummyWeights(cfg, model.Selection{EndLayer: cfg.NumHiddenLayers, Embedding: true, LMHead: true,
@@ -317,6 +372,9 @@ func run(ctx context.Context, o Options, log io.Writer) (*Report, error) {
 		fmt.Fprintf(log, "bench step: decode batch %d: %.3f ms (floor %.3f ms)\n", B, r.StepSeconds*1e3, r.BytesFloor*1e3)
 	}
 	if err := b.runSpec(rep, log); err != nil { // spec.go
+		return nil, err
+	}
+	if err := b.tensorParallel(rep, log); err != nil { // tp.go
 		return nil, err
 	}
 	if o.Prefill > 0 {
@@ -415,7 +473,7 @@ func (b *bench) step(bt *kernels.Batch, lastRows []int) (*model.Forward, error) 
 	if b.prof != nil {
 		be = b.prof
 	}
-	f := &model.Forward{Cfg: b.cfg, BE: be, Meta: meta, T: len(ids)}
+	f := &model.Forward{Cfg: b.cfg, BE: be, Meta: meta, T: len(ids), Ranks: b.ranks}
 	h, err := f.Embed(b.w.Embed, ids)
 	if err != nil {
 		return f, err
@@ -458,7 +516,7 @@ func (b *bench) headArgmax(f *model.Forward, x *kernels.Tensor, rows []int, norm
 // ids already on the device), for capture.
 func (b *bench) graphStep(meta kernels.BatchMeta, ids, out *kernels.Tensor) (*model.Forward, error) {
 	T := ids.Elements()
-	f := &model.Forward{Cfg: b.cfg, BE: b.be, Meta: meta, T: T}
+	f := &model.Forward{Cfg: b.cfg, BE: b.be, Meta: meta, T: T, Ranks: b.ranks}
 	h, err := b.be.NewTensor(kernels.F32, T, b.cfg.HiddenSize)
 	if err != nil {
 		return f, err
@@ -479,81 +537,21 @@ func (b *bench) graphStep(meta kernels.BatchMeta, ids, out *kernels.Tensor) (*mo
 	return f, b.be.Argmax(out, logits)
 }
 
-// timeGraph captures a decode step of bt and times its replays.
-func (b *bench) timeGraph(bt *kernels.Batch, iters int) (float64, error) {
-	be := b.be
-	T := bt.Tokens()
-	ids, err := be.NewTensor(kernels.I32, T)
-	if err != nil {
-		return 0, err
-	}
-	out, err := be.NewTensor(kernels.I32, T)
-	if err != nil {
-		return 0, err
-	}
-	b.graphTemps = append(b.graphTemps, ids, out)
-	defer func() {
-		for _, t := range b.graphTemps {
-			be.Free(t)
-		}
-		b.graphTemps = nil
-	}()
-	raw := make([]byte, 4*T)
-	for i := 0; i < T; i++ {
-		v := uint32(b.rng.IntN(b.cfg.VocabSize))
-		raw[4*i], raw[4*i+1], raw[4*i+2], raw[4*i+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
-	}
-	if err := be.Upload(ids, raw); err != nil {
-		return 0, err
-	}
-	meta, err := be.NewBatchMeta(bt)
-	if err != nil {
-		return 0, err
-	}
-	defer be.FreeBatchMeta(meta)
-	warm, err := b.graphStep(meta, ids, out) // compiles, uploads expert tables
-	if warm != nil {
-		defer warm.Release()
-	}
-	if err != nil {
-		return 0, err
-	}
-	if err := be.BeginCapture(); err != nil {
-		return 0, err
-	}
-	f, err := b.graphStep(meta, ids, out)
-	if f != nil {
-		defer f.Release()
-	}
-	g, cerr := be.EndCapture()
-	if err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	defer g.Close()
-	tm, err := be.NewTimer()
-	if err != nil {
-		return 0, err
-	}
-	defer tm.Close()
-	sec, err := tm.Median(2, iters, g.Launch)
-	if err != nil {
-		return 0, err
-	}
-	return sec, be.Sync()
-}
-
 // touched runs one untimed step and counts, per MoE layer, the distinct experts routed to.
 func (b *bench) touched(bt *kernels.Batch, lastRows []int) ([]int, error) {
 	var counts []int
+	b.routes = nil
 	b.be.RouteObserver = func(ids []int32, experts int) {
 		seen := make(map[int32]bool, experts)
+		var distinct []int
 		for _, id := range ids {
+			if !seen[id] {
+				distinct = append(distinct, int(id))
+			}
 			seen[id] = true
 		}
 		counts = append(counts, len(seen))
+		b.routes = append(b.routes, distinct)
 	}
 	defer func() { b.be.RouteObserver = nil }()
 	f, err := b.step(bt, lastRows)
