@@ -32,6 +32,12 @@ type RingConfig struct {
 	BlockSize  int
 	KVDType    int      // kernels.DType of the KV cache
 	Ranges     [][2]int // layer ranges of the stages so far, head first
+	// Link is how the rows travel once the configuration is round
+	// (LinkTCP when empty): with LinkNCCL every hop forms its communicator
+	// over its TCP link, and MaxTokens (the largest step) sizes the
+	// stages' device receive buffers.
+	Link      PipelineLink `json:",omitempty"`
+	MaxTokens int          `json:",omitempty"`
 }
 
 func encodeRingConfig(c *RingConfig) ([]byte, error) { return json.Marshal(c) }
@@ -129,13 +135,18 @@ func (s *Stage) Configure(c *RingConfig) error {
 // Run executes one step: h's header and its hidden rows [T, hidden] (f32,
 // little-endian) in; the rows after the stage's layers out, in place.
 func (s *Stage) Run(h *transport.Header, rows []byte) error {
+	return s.runRows(h, transport.HostBuffer(rows), &hostRows{be: s.BE})
+}
+
+// runRows is Run on a payload in host or device memory (mv says which).
+func (s *Stage) runRows(h *transport.Header, rows transport.Buffer, mv rowMover) error {
 	if s.kv == nil {
 		return fmt.Errorf("%w: step %d before the ring configuration", ErrStageProtocol, h.Step)
 	}
 	if s.started && h.Step <= s.lastStep {
 		return fmt.Errorf("%w: step %d after step %d", ErrStageProtocol, h.Step, s.lastStep)
 	}
-	T, err := checkRows(h, s.Cfg.HiddenSize, len(rows))
+	T, err := checkRows(h, s.Cfg.HiddenSize, int(rows.Len()))
 	if err != nil {
 		return err
 	}
@@ -150,7 +161,7 @@ func (s *Stage) Run(h *transport.Header, rows []byte) error {
 	if err != nil {
 		return err
 	}
-	if err := s.forward(b, rows); err != nil {
+	if err := s.forward(b, rows, mv); err != nil {
 		return fmt.Errorf("stage step %d: %w", h.Step, err)
 	}
 	for _, m := range h.Seqs {
@@ -269,9 +280,12 @@ func (s *Stage) batch(metas []transport.SeqMeta) (*kernels.Batch, error) {
 }
 
 // forward runs the stage's layers on rows in place.
-func (s *Stage) forward(b *kernels.Batch, rows []byte) error {
+func (s *Stage) forward(b *kernels.Batch, rows transport.Buffer, mv rowMover) error {
 	if s.ranks != nil {
-		return s.forwardRanks(b, rows)
+		if rows.Dev != 0 {
+			return fmt.Errorf("stage %s: ranks run host rows; this ring moves device rows (use --pipeline-link tcp)", s.name())
+		}
+		return s.forwardRanks(b, rows.Host)
 	}
 	meta, err := s.BE.UploadBatch(b)
 	if err != nil {
@@ -279,24 +293,17 @@ func (s *Stage) forward(b *kernels.Batch, rows []byte) error {
 	}
 	f := &model.Forward{Cfg: s.Cfg, BE: s.BE, Meta: meta, T: b.Tokens()}
 	defer f.Release()
-	h, err := s.BE.NewTensor(kernels.F32, b.Tokens(), s.Cfg.HiddenSize)
+	h, err := mv.open(rows, b.Tokens(), s.Cfg.HiddenSize)
 	if err != nil {
 		return err
 	}
-	defer s.BE.Free(h)
-	// rows is a message buffer the stage reuses: pinned once, it takes an
-	// asynchronous upload, safe since nothing writes it before the
-	// download below, which waits for everything queued before it.
-	pinRows(s.BE, rows)
-	if err := s.BE.Upload(h, rows); err != nil {
-		return err
-	}
+	defer mv.free(h)
 	for i, lw := range s.W.Layers {
 		if err := f.Layer(lw, h, s.kv.Layers[i]); err != nil {
 			return err
 		}
 	}
-	return downloadRows(s.BE, rows, h)
+	return mv.store(h, rows)
 }
 
 func putF32s(dst []byte, v []float32) {

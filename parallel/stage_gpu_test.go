@@ -34,9 +34,21 @@ func procBackend(useCUDA bool) (kernels.Backend, error) {
 // the one process (dummy weights have near ties and GPU kernels are not
 // batch invariant: a batch of 64 may flip one); no request may diverge
 // before it. The decode throughputs of both and the ring's round trip are
-// logged (scripts/gpu-pipeline.sh).
+// logged (scripts/gpu-pipeline.sh). GLMTOPO_PIPE_LINK=nccl moves the rows
+// in device memory over NCCL instead (each process its own NCCL_HOSTID;
+// scripts/gpu-pipeline.sh LINK=nccl runs it under the MPS daemon).
 func TestPipelineGPUTwoProcesses(t *testing.T) {
 	be := cudatest.Open(t, cuda.Options{FastWideGemm: true})
+	link, err := ParsePipelineLink(os.Getenv("GLMTOPO_PIPE_LINK"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if link == LinkAuto {
+		link = LinkTCP // the variant is chosen, not guessed
+	}
+	if link == LinkNCCL && os.Getenv("NCCL_HOSTID") == "" {
+		t.Skip("GLMTOPO_PIPE_LINK=nccl: set NCCL_HOSTID (scripts/gpu-pipeline.sh LINK=nccl does) so that NCCL takes two ranks on one GPU")
+	}
 	layers := 8
 	if v, err := strconv.Atoi(os.Getenv("GLMTOPO_PIPE_LAYERS")); err == nil && v >= 2 {
 		layers = v
@@ -96,18 +108,18 @@ func TestPipelineGPUTwoProcesses(t *testing.T) {
 		}
 	}
 	for _, m := range micro {
-		r := gpuPipelineRun(t, ctx, be, src, bounds, opt, sopt, items, m, func(head *Engine) {
+		r := gpuPipelineRun(t, ctx, be, src, bounds, opt, sopt, items, m, link, func(head *Engine) {
 			if m != 1 {
 				return
 			}
 			got := greedyLockstep(t, head, prompts, lockSteps)
 			if n := countDiff(got, lockWant); n > 0 {
-				t.Errorf("two processes, lockstep batches: %d of %d sequences' greedy tokens differ from one process", n, len(prompts))
+				t.Errorf("two processes over %s, lockstep batches: %d of %d sequences' greedy tokens differ from one process", link, n, len(prompts))
 			} else {
-				t.Logf("two processes, lockstep batches: greedy tokens identical to one process (%d sequences × %d tokens)", len(prompts), lockSteps)
+				t.Logf("two processes over %s, lockstep batches: greedy tokens identical to one process (%d sequences × %d tokens)", link, len(prompts), lockSteps)
 			}
 		})
-		what := fmt.Sprintf("two processes, %d micro-batch(es)", m)
+		what := fmt.Sprintf("two processes over %s, %d micro-batch(es)", link, m)
 		// The scheduler's batches depend on when requests arrive and on the
 		// micro-batch split; GPU kernels are not batch invariant, so these
 		// runs are compared for information only.
@@ -118,10 +130,10 @@ func TestPipelineGPUTwoProcesses(t *testing.T) {
 				diff++
 			}
 		}
-		t.Logf("GLM-4.5-Air-FP8 dummy, %d layers (stages [0,%d) [%d,%d)), batch %d, %d micro-batch(es) in flight: "+
+		t.Logf("GLM-4.5-Air-FP8 dummy, %d layers (stages [0,%d) [%d,%d)), %s link, batch %d, %d micro-batch(es) in flight: "+
 			"decode one process %.0f tok/s, two processes %.0f tok/s (%.0f%%); overall %.0f vs %.0f tok/s; "+
 			"%d of %d requests differ from the one-process run anywhere, %d before their first near tie",
-			layers, bounds[1], bounds[1], bounds[2], seqs, m, one.decode, r.tps.decode, 100*r.tps.decode/one.decode,
+			layers, bounds[1], bounds[1], bounds[2], link, seqs, m, one.decode, r.tps.decode, 100*r.tps.decode/one.decode,
 			one.overall, r.tps.overall, diff, len(want), diverged)
 		logRingTimes(t, m, r)
 	}
@@ -205,10 +217,10 @@ func logRingTimes(t *testing.T, m int, r gpuRun) {
 }
 
 // gpuPipelineRun runs items on a head in this process and a stage process
-// on the same GPU, with m micro-batches in flight, then times header-only
-// round trips of the idle ring.
+// on the same GPU, with m micro-batches in flight and the rows on link,
+// then times header-only round trips of the idle ring.
 func gpuPipelineRun(t *testing.T, ctx context.Context, be kernels.Backend, src ModelSource, bounds []int, opt EngineOptions,
-	sopt SchedulerOptions, items []workItem, m int, lockstep func(head *Engine)) gpuRun {
+	sopt SchedulerOptions, items []workItem, m int, link PipelineLink, lockstep func(head *Engine)) gpuRun {
 	key := []byte("glmtopo-gpu-pipeline-test-key-32")
 	acc, err := ListenHead("127.0.0.1:0", tcp.Config{Name: "head", Key: key})
 	if err != nil {
@@ -216,7 +228,7 @@ func gpuPipelineRun(t *testing.T, ctx context.Context, be kernels.Backend, src M
 	}
 	defer acc.Close()
 	sp, addr := startStageProc(t, stageProcJob{First: bounds[1], End: bounds[2], Next: acc.Addr().String(),
-		Key: fmt.Sprintf("%x", key), Seconds: 540, Source: &src, CUDA: true})
+		Key: fmt.Sprintf("%x", key), Seconds: 540, Source: &src, CUDA: true, Link: link})
 	head, closeHead, err := OpenHead(ctx, src, be, bounds[1], opt, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -224,9 +236,12 @@ func gpuPipelineRun(t *testing.T, ctx context.Context, be kernels.Backend, src M
 	defer closeHead()
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	ring, err := ConnectRingTCP(cctx, head, acc, addr, RingOptions{StepTimeout: 30 * time.Second, MicroBatches: m})
+	ring, err := ConnectRingTCP(cctx, head, acc, addr, RingOptions{StepTimeout: 30 * time.Second, MicroBatches: m, Link: link})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, dev := ring.rows.(*deviceRows); dev != (link == LinkNCCL) {
+		t.Fatalf("%s link: the ring moves rows with %T", link, ring.rows)
 	}
 	lockstep(head)
 	s := NewScheduler(head, sopt)

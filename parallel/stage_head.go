@@ -65,7 +65,8 @@ type Ring struct {
 	owner      map[int32]int32    // block → the first block of the sequence the stages think holds it
 	err        error
 	msg        transport.Message
-	rowBuf     []byte
+	rows       rowMover      // host or device payloads (rows.go, rows_device.go)
+	closeDev   func()        // frees the device links' resources after Close (nil: none)
 	rx         *ringReceiver // reads the last stage's answers (stage_recv.go)
 	stepTime   time.Duration
 	waitTime   time.Duration // the head idle in recv, waiting for an answer
@@ -96,6 +97,17 @@ type RingOptions struct {
 	// Speculative decoding keeps them in flight too (spec_pipe.go); its
 	// MTP draft at the head makes S+1 the number that hides the head's work.
 	MicroBatches int
+	// Link is how the rows travel (stage_link.go): "" or LinkTCP host rows
+	// on the given links; LinkNCCL device rows through a communicator per
+	// hop, formed over them once the configuration is round (the CUDA
+	// backend and libnccl needed); LinkAuto NCCL where it can.
+	Link PipelineLink
+	// MaxTokens is the largest step the ring carries, which sizes the
+	// device receive buffers (default: the head's step workspace, i.e.
+	// --max-num-batched-tokens).
+	MaxTokens int
+	// hops opens the device links (nil: NCCL; the CPU tests fake it).
+	hops devHopsFunc
 }
 
 // ConnectRing makes e the head of a pipeline whose next stage is behind out
@@ -111,43 +123,53 @@ func ConnectRing(ctx context.Context, e *Engine, out, in transport.Link, opt Rin
 	if e.graphs != nil {
 		cfg.NumBlocks++ // the graphs' scratch block is an id too (kvcache.go takeScratch)
 	}
-	b, err := encodeRingConfig(cfg)
+	if opt.hops == nil {
+		opt.hops = openNCCLHops
+	}
+	link, hops, err := resolveLink(e.BE, opt.Link, opt.hops)
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, opt.StepTimeout)
-	defer cancel()
-	m := &transport.Message{Header: transport.Header{Kind: transport.KindControl,
-		Tensors: []transport.TensorMeta{{DType: transport.DTypeBytes, Shape: []int64{int64(len(b))}, Bytes: int64(len(b))}}},
-		Payloads: []transport.Buffer{transport.HostBuffer(b)}}
-	if err := out.Send(ctx, m); err != nil {
-		return nil, fmt.Errorf("ring: send configuration: %w", err)
+	if link == LinkNCCL {
+		if opt.MaxTokens <= 0 {
+			opt.MaxTokens = e.MaxStepTokens()
+		}
+		if opt.MaxTokens <= 0 {
+			hops.close()
+			return nil, errors.New("ring: device rows need RingOptions.MaxTokens (the largest step)")
+		}
+		cfg.Link, cfg.MaxTokens = link, opt.MaxTokens
 	}
-	var back transport.Message
-	if err := in.Recv(ctx, &back); err != nil {
-		return nil, fmt.Errorf("ring: configuration did not come back from the last stage: %w", err)
+	got, err := sendRingConfig(ctx, cfg, out, in, opt.StepTimeout)
+	if err == nil {
+		err = checkRanges(got.Ranges, e.Cfg.NumHiddenLayers)
 	}
-	if back.Header.Kind != transport.KindControl || len(back.Payloads) != 1 {
-		return nil, fmt.Errorf("%w: ring: configuration answered by a %v message", ErrStageProtocol, back.Header.Kind)
-	}
-	got, err := decodeRingConfig(back.Payloads[0].Host)
 	if err != nil {
-		return nil, err
-	}
-	if err := checkRanges(got.Ranges, e.Cfg.NumHiddenLayers); err != nil {
+		if hops != nil {
+			hops.close()
+		}
 		return nil, err
 	}
 	r := &Ring{be: e.BE, out: out, in: in, hidden: e.Cfg.HiddenSize, timeout: opt.StepTimeout,
-		seqs: map[int32]*ringSeq{}, owner: map[int32]int32{}}
+		seqs: map[int32]*ringSeq{}, owner: map[int32]int32{}, rows: &hostRows{be: e.BE}}
+	if hops != nil {
+		if err := r.useDeviceRows(ctx, hops, opt.MaxTokens); err != nil {
+			return nil, err
+		}
+	}
 	if opt.MicroBatches < 0 {
 		opt.MicroBatches = len(got.Ranges)
 	}
 	if opt.MicroBatches > 1 {
 		if r.pipe, err = newHeadPipe(opt.MicroBatches); err != nil {
+			r.dropDeviceLinks()
 			return nil, err
 		}
 	}
-	r.rx = startRingReceiver(in, max(opt.MicroBatches, 1))
+	if r.rx, err = startRingReceiver(r.in, max(opt.MicroBatches, 1), r.rows); err != nil {
+		r.dropDeviceLinks()
+		return nil, err
+	}
 	e.KV.released = func(b []int32) { r.released = append(r.released, b...) }
 	e.remote = r
 	return r, nil
@@ -354,16 +376,14 @@ func (r *Ring) recv(h *kernels.Tensor) error {
 		return nil // a step that only announced frees
 	}
 	seqs := []transport.SeqMeta{{Tokens: int32(p.T)}}
-	if _, err := checkRows(&transport.Header{Step: bh.Step, Tensors: bh.Tensors, Seqs: seqs}, r.hidden, len(back.Payloads[0].Host)); err != nil {
+	if _, err := checkRows(&transport.Header{Step: bh.Step, Tensors: bh.Tensors, Seqs: seqs}, r.hidden, int(back.Payloads[0].Len())); err != nil {
 		return err
 	}
 	if h == nil || h.Rows() != p.T {
 		return fmt.Errorf("ring step %d: %d rows back and no tensor of that many rows to hold them", p.step, p.T)
 	}
-	// The receiver reuses the buffer once released: a synchronous copy.
-	pinRows(r.be, back.Payloads[0].Host)
-	if err := uploadRowsSync(r.be, h, back.Payloads[0].Host); err != nil {
-		return fmt.Errorf("ring step %d: upload final hidden rows: %w", p.step, err)
+	if err := r.rows.take(h, back.Payloads[0]); err != nil {
+		return fmt.Errorf("ring step %d: %w", p.step, err)
 	}
 	return nil
 }
@@ -375,16 +395,12 @@ func (r *Ring) packRows(h *kernels.Tensor, T int) error {
 		return fmt.Errorf("ring step %d: hidden rows %v for %d tokens of width %d", r.step, h, T, r.hidden)
 	}
 	n := 4 * T * r.hidden
-	if cap(r.rowBuf) < n {
-		r.rowBuf = make([]byte, n)
-	}
-	r.rowBuf = r.rowBuf[:n]
-	pinRows(r.be, r.rowBuf)
-	if err := downloadRows(r.be, r.rowBuf, h); err != nil {
-		return fmt.Errorf("ring step %d: download hidden rows: %w", r.step, err)
+	p, err := r.rows.payload(h, n)
+	if err != nil {
+		return fmt.Errorf("ring step %d: %w", r.step, err)
 	}
 	r.msg.Header.Tensors = []transport.TensorMeta{{DType: transport.DTypeF32, Shape: []int64{int64(T), int64(r.hidden)}, Bytes: int64(n)}}
-	r.msg.Payloads = append(r.msg.Payloads, transport.HostBuffer(r.rowBuf))
+	r.msg.Payloads = append(r.msg.Payloads, p)
 	return nil
 }
 
@@ -510,6 +526,12 @@ func (r *Ring) Close() error {
 	if r.in != r.out {
 		err = errors.Join(err, r.in.Close())
 	}
-	r.rx.stop()
+	if r.rx != nil {
+		r.rx.stop()
+	}
+	if r.closeDev != nil { // once nothing reads or writes the device links
+		r.closeDev()
+		r.closeDev = nil
+	}
 	return err
 }

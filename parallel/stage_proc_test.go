@@ -34,6 +34,10 @@ type stageProcJob struct {
 	// on the CUDA backend when CUDA is set.
 	Source *ModelSource
 	CUDA   bool
+	// Link is the stage's --pipeline-link ("": auto, the head's choice).
+	// With nccl the process gets its own NCCL_HOSTID, so that NCCL takes
+	// it and the head as two ranks on the one GPU.
+	Link PipelineLink
 }
 
 func TestMain(m *testing.M) {
@@ -72,7 +76,7 @@ func runStageProc(spec string) error {
 	}
 	defer l.Close()
 	fmt.Printf("ADDR %s\n", l.Addr())
-	err = l.Serve(ctx, st, job.Next)
+	err = l.ServeLink(ctx, st, job.Next, job.Link)
 	if b, jerr := json.Marshal(st.Stats()); jerr == nil {
 		fmt.Printf("STATS %s\n", b)
 	}
@@ -183,6 +187,9 @@ func startStageProc(t *testing.T, job stageProcJob) (*stageProc, string) {
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), stageProcEnv+"="+string(spec))
+	if job.Link == LinkNCCL {
+		cmd.Env = append(cmd.Env, fmt.Sprintf("NCCL_HOSTID=%s-stage-%d", os.Getenv("NCCL_HOSTID"), job.First))
+	}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	stdout, err := cmd.StdoutPipe()

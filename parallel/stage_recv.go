@@ -27,6 +27,7 @@ type ringAnswer struct {
 
 type ringReceiver struct {
 	in      transport.Link
+	rows    rowMover                // readies each buffer before a read
 	answers chan ringAnswer         // read, not yet taken by Ring.recv
 	free    chan *transport.Message // buffers Ring.recv is done with
 	cancel  context.CancelFunc
@@ -35,17 +36,23 @@ type ringReceiver struct {
 
 // startRingReceiver reads in until it fails or stop is called. depth is
 // the most answers outstanding at once (the micro-batches in flight): the
-// queue holds them all, so the goroutine never blocks the link.
-func startRingReceiver(in transport.Link, depth int) *ringReceiver {
+// queue holds them all, so the goroutine never blocks the link. Each
+// buffer is attached to mv (a device receive buffer for device rows).
+func startRingReceiver(in transport.Link, depth int, mv rowMover) (*ringReceiver, error) {
 	depth = max(depth, 1) + 1
-	ctx, cancel := context.WithCancel(context.Background())
-	rr := &ringReceiver{in: in, answers: make(chan ringAnswer, depth), free: make(chan *transport.Message, depth),
-		cancel: cancel, done: make(chan struct{})}
+	rr := &ringReceiver{in: in, rows: mv, answers: make(chan ringAnswer, depth), free: make(chan *transport.Message, depth),
+		done: make(chan struct{})}
 	for range depth {
-		rr.free <- &transport.Message{}
+		m := &transport.Message{}
+		if err := mv.attach(m); err != nil {
+			return nil, err
+		}
+		rr.free <- m
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	rr.cancel = cancel
 	go rr.run(ctx)
-	return rr
+	return rr, nil
 }
 
 func (rr *ringReceiver) run(ctx context.Context) {
@@ -57,6 +64,7 @@ func (rr *ringReceiver) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		}
+		rr.rows.prepare(m)
 		err := rr.in.Recv(ctx, m)
 		a := ringAnswer{m: m, err: err, at: time.Now()}
 		if err != nil {

@@ -238,7 +238,7 @@ func (e *Engine) frontStep(r *Ring, inputs []StepInput) error {
 		return err
 	}
 	be, ws := e.stepBackend(len(inputs))
-	f := &model.Forward{Cfg: e.Cfg, BE: be, Meta: meta, T: len(ids)}
+	f := e.newForward(be, meta, len(ids))
 	defer f.Release()
 	h, err := f.Embed(e.W.Embed, ids)
 	if err != nil {
@@ -261,7 +261,7 @@ func (e *Engine) frontStep(r *Ring, inputs []StepInput) error {
 func (e *Engine) backStep(r *Ring, inputs []StepInput, T int) (*StepResult, error) {
 	rows := e.outputRows(inputs, false)
 	be, ws := e.stepBackend(len(rows))
-	f := &model.Forward{Cfg: e.Cfg, BE: be, T: T}
+	f := e.newForward(be, nil, T)
 	h, err := be.NewTensor(kernels.F32, T, e.Cfg.HiddenSize)
 	if err != nil {
 		return nil, err

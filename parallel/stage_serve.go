@@ -26,12 +26,23 @@ import (
 // other once a message outgrows the sockets' buffers). At most
 // stageBuffers messages are held at once.
 func ServeStage(ctx context.Context, st *Stage, in, out transport.Link) (err error) {
+	return serveStage(ctx, st, in, out, &hostRows{be: st.BE})
+}
+
+// serveStage is ServeStage with the rows in host or device payloads (mv):
+// a ring of device rows (LinkNCCL) is set up by serveRing (stage_link.go),
+// which hands the links over here once the configuration is round.
+func serveStage(ctx context.Context, st *Stage, in, out transport.Link, mv rowMover) (err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	p := &stagePump{st: st, in: in, out: out, toRun: make(chan *transport.Message, 1),
+	p := &stagePump{st: st, in: in, out: out, rows: mv, toRun: make(chan *transport.Message, 1),
 		toSend: make(chan *transport.Message, 1), free: make(chan *transport.Message, stageBuffers)}
 	for range stageBuffers {
-		p.free <- &transport.Message{}
+		m := &transport.Message{}
+		if err := mv.attach(m); err != nil {
+			return fmt.Errorf("stage %s: %w", st.name(), err)
+		}
+		p.free <- m
 	}
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -56,6 +67,7 @@ const stageBuffers = 4
 type stagePump struct {
 	st            *Stage
 	in, out       transport.Link
+	rows          rowMover
 	toRun, toSend chan *transport.Message
 	free          chan *transport.Message
 	mu            sync.Mutex
@@ -102,6 +114,7 @@ func (p *stagePump) read(ctx context.Context) error {
 			return nil
 		}
 		waitStart := time.Now()
+		p.rows.prepare(m)
 		if err := p.in.Recv(ctx, m); err != nil {
 			if errors.Is(err, transport.ErrClosed) || errors.Is(err, io.EOF) || ctx.Err() != nil {
 				return nil
@@ -136,7 +149,7 @@ func (p *stagePump) run(ctx context.Context) error {
 		p.st.stats.rec.wait(busy.Sub(idle))
 		rows := m.Header.Kind == transport.KindActivations && len(m.Payloads) > 0
 		tokens := stepRows(m.Header.Seqs) // before runMessage: the last stage's answer drops the header's sequences
-		if err := p.st.runMessage(m, last); err != nil {
+		if err := p.st.runMessage(m, last, p.rows); err != nil {
 			return err
 		}
 		if rows {
@@ -165,19 +178,28 @@ func (p *stagePump) write(ctx context.Context) error {
 }
 
 // runMessage applies one message: the ring configuration or a step.
-func (s *Stage) runMessage(m *transport.Message, last bool) error {
+func (s *Stage) runMessage(m *transport.Message, last bool, mv rowMover) error {
 	switch m.Header.Kind {
 	case transport.KindControl:
-		return s.configureFrom(m)
+		c, err := s.configureMsg(m)
+		if err == nil && c.Link == LinkNCCL {
+			if _, host := mv.(*hostRows); host {
+				// The head would form NCCL communicators next while this
+				// stage waits for steps: refuse at once instead.
+				err = fmt.Errorf("%w: the head asks for a ring of %s device rows; stage %s serves host rows (ServeStage): serve it with ServeLink",
+					ErrStageProtocol, c.Link, s.name())
+			}
+		}
+		return err
 	case transport.KindActivations:
 		if len(m.Payloads) != len(m.Header.Tensors) {
 			return fmt.Errorf("%w: step %d: %d payloads for %d tensors", ErrStageProtocol, m.Header.Step, len(m.Payloads), len(m.Header.Tensors))
 		}
-		var rows []byte
+		var rows transport.Buffer
 		if len(m.Payloads) > 0 {
-			rows = m.Payloads[0].Host
+			rows = m.Payloads[0]
 		}
-		if err := s.Run(&m.Header, rows); err != nil {
+		if err := s.runRows(&m.Header, rows, mv); err != nil {
 			return fmt.Errorf("stage %s: %w", s.name(), err)
 		}
 		if last {
@@ -195,21 +217,28 @@ func (s *Stage) name() string {
 }
 
 func (s *Stage) configureFrom(m *transport.Message) error {
-	if len(m.Payloads) != 1 {
-		return fmt.Errorf("%w: ring configuration with %d payloads", ErrStageProtocol, len(m.Payloads))
+	_, err := s.configureMsg(m)
+	return err
+}
+
+// configureMsg configures the stage from a ring configuration message
+// and puts the configuration with the stage's range in it, to pass on.
+func (s *Stage) configureMsg(m *transport.Message) (*RingConfig, error) {
+	if len(m.Payloads) != 1 || m.Payloads[0].Dev != 0 {
+		return nil, fmt.Errorf("%w: ring configuration with %d payloads (it travels as host bytes)", ErrStageProtocol, len(m.Payloads))
 	}
 	c, err := decodeRingConfig(m.Payloads[0].Host)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := s.Configure(c); err != nil {
-		return err
+		return nil, err
 	}
 	b, err := encodeRingConfig(c)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	m.Payloads[0].Host = b
 	m.Header.Tensors = []transport.TensorMeta{{DType: transport.DTypeBytes, Shape: []int64{int64(len(b))}, Bytes: int64(len(b))}}
-	return nil
+	return c, nil
 }

@@ -32,8 +32,16 @@ func (l *StageListener) Addr() net.Addr { return l.acc.Addr() }
 func (l *StageListener) Close() error { return l.acc.Close() }
 
 // Serve dials next, accepts the previous stage (both within ctx), and runs
-// st until the head ends the ring (nil) or a link or step fails.
+// st until the head ends the ring (nil) or a link or step fails. The rows
+// travel as the head's ring configuration says (ServeLink with LinkAuto).
 func (l *StageListener) Serve(ctx context.Context, st *Stage, next string) error {
+	return l.ServeLink(ctx, st, next, LinkAuto)
+}
+
+// ServeLink is Serve with the stage's --pipeline-link: LinkAuto takes the
+// head's choice, LinkTCP or LinkNCCL refuse a ring of the other kind.
+// NCCL needs the CUDA backend and libnccl (stage_link.go).
+func (l *StageListener) ServeLink(ctx context.Context, st *Stage, next string, link PipelineLink) error {
 	out, err := tcp.Dial(ctx, next, l.cfg)
 	if err != nil {
 		return fmt.Errorf("stage %s: dial the next stage: %w", st.name(), err)
@@ -44,7 +52,7 @@ func (l *StageListener) Serve(ctx context.Context, st *Stage, next string) error
 		return fmt.Errorf("stage %s: waiting for the previous stage: %w", st.name(), err)
 	}
 	defer in.Close()
-	return ServeStage(ctx, st, in, out)
+	return serveRing(ctx, st, in, out, link, openNCCLHops)
 }
 
 // HeadListener is the head's data-plane endpoint: the last stage dials it

@@ -9,6 +9,10 @@
 #   one micro-batch in flight, then with two (MICRO=1,2). Greedy tokens must match up to each request's first near tie (found decoding it alone in one process); in $OUT/pipeline.log: decode and
 #   overall tok/s against one process, and per ring step the round trip, the head's and the stage's bubble (time idle
 #   waiting for rows) against the stage's compute, and the one-way latency of a header-only hop. Run with and without the MPS daemon (MPS=1 starts it) to see the two contexts' time-slicing.
+# LINK=nccl: the same run with the rows in device memory over NCCL (ncclSend/ncclRecv, a two-rank communicator per
+#   ring hop, headers on the TCP links); it starts the MPS daemon (two contexts on one GPU would time-slice) and gives
+#   each process its own NCCL_HOSTID (this one here, the stage process its own from the test) so that NCCL takes two
+#   ranks on one GPU. Its log is $OUT/pipeline-nccl.log; NCCL's INIT/NET log (which transport it took) goes to /tmp.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CGO_ENABLED=0
@@ -24,19 +28,26 @@ run() {
 	# shellcheck source=scripts/gpu-lib.sh
 	. scripts/gpu-lib.sh
 	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+	local link=${LINK:-tcp} log=$OUT/pipeline.log
+	local -a env=(GLMTOPO_PIPE_LINK="$link")
+	if [ "$link" = nccl ]; then
+		MPS=1
+		log=$OUT/pipeline-nccl.log
+		env+=(NCCL_HOSTID="${NCCL_HOSTID:-glmtopo-pipeline-head}" NCCL_NVLS_ENABLE=0)
+	fi
 	local mps_started=0
 	if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null && ! echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
 		nvidia-cuda-mps-control -d && mps_started=1 && echo "MPS daemon started"
 	fi
 	# At most 150 s: one-process run, each request decoded alone up to its first near tie, then a two-process run per MICRO entry (default "1,2" micro-batches in flight).
-	(cd parallel && GLMTOPO_PIPE_LAYERS=${LAYERS:-8} GLMTOPO_PIPE_MICRO=${MICRO:-1,2} timeout 150 "../$BIN/parallel.test" \
-		-test.v -test.count=1 -test.timeout=148s -test.run '^TestPipelineGPUTwoProcesses$') >"$OUT/pipeline.log" 2>&1
+	(cd parallel && env "${env[@]}" GLMTOPO_PIPE_LAYERS=${LAYERS:-8} GLMTOPO_PIPE_MICRO=${MICRO:-1,2} timeout 150 "../$BIN/parallel.test" \
+		-test.v -test.count=1 -test.timeout=148s -test.run '^TestPipelineGPUTwoProcesses$') >"$log" 2>&1
 	local rc=$?
 	[ "$mps_started" = 1 ] && echo quit | nvidia-cuda-mps-control
 	# Decode tok/s one process vs two (target >= 80%), then per ring step: round trip, head and stage bubble, stage
 	# compute, and the header-only hop latency.
-	grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|per step|differ|diverge|near tie|lockstep|deterministic|panic|Error' "$OUT/pipeline.log" | cut -c1-400
-	echo "gpu-pipeline rc=$rc"
+	grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|per step|differ|diverge|near tie|lockstep|deterministic|nccl|panic|Error' "$log" | cut -c1-400
+	echo "gpu-pipeline link=$link rc=$rc"
 	return $rc
 }
 

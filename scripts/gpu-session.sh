@@ -3,7 +3,7 @@
 #   scripts/gpu-session.sh pack              here: build every GPU binary (CGO off, stripped) into .gpu/bin.tgz
 #   scripts/gpu-session.sh run S1 [S2 ...]   on the GPU host (carry .gpu): unpack, run each scripts/S.sh run-step,
 #                                            logs of all of them packed into $OUT/logs.tgz (the device returns 8 files)
-# S is one of: kvfp8 fp8twin transport collective mtp memplan pipeline pipelinemps (under the MPS daemon) suite (suite: every GPU test of kernels/cuda and parallel).
+# S is one of: kvfp8 fp8twin transport collective mtp memplan pipeline pipelinemps (under the MPS daemon) pipelinenccl (rows over NCCL, under MPS) tpone (issue 17: one-rank communicator) suite (suite: every GPU test of kernels/cuda and parallel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +16,10 @@ pack() {
 		go test -c "$f" -o "$b/nccl.test" ./transport/nccl &&
 		go test -c "$f" -o "$b/cudastage.test" ./transport/cudastage &&
 		go build "$f" -o "$b/benchstep" ./bench/step/internal/benchstep &&
+		go test -c "$f" -o "$b/benchstep.test" ./bench/step &&
 		go build "$f" -o bin/glmtopo ./cmd/glmtopo || return 1
 	cp bin/glmtopo "$b/glmtopo"
-	tar -czf .gpu/bin.tgz bin/glmtopo "$b"/{cuda.test,parallel.test,nccl.test,cudastage.test,benchstep} &&
+	tar -czf .gpu/bin.tgz bin/glmtopo "$b"/{cuda.test,parallel.test,nccl.test,cudastage.test,benchstep,benchstep.test} &&
 		ls -la .gpu/bin.tgz
 }
 
@@ -45,7 +46,9 @@ run() {
 		mtp) bash scripts/gpu-mtp.sh run ;;
 		pipeline) bash scripts/gpu-pipeline.sh run ;;
 		pipelinemps) MPS=1 bash scripts/gpu-pipeline.sh run ;;
+		pipelinenccl) LINK=nccl bash scripts/gpu-pipeline.sh run ;;
 		memplan) bash scripts/gpu-memplan.sh ;;
+		tpone) bash scripts/gpu-tpone.sh ;;
 		suite) (. scripts/gpu-lib.sh && gpu_tests) ;;
 		*) echo "unknown step $s" ;;
 		esac || rc=1

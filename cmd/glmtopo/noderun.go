@@ -30,6 +30,7 @@ type nodeRuntime struct {
 	mem         memoryFlags
 	stepTimeout *time.Duration
 	micro       *int
+	link        *string             // --pipeline-link
 	links       *telemetry.Registry // the data-plane links of every epoch's stage
 
 	mu     sync.Mutex
@@ -49,6 +50,7 @@ func (r *nodeRuntime) AddFlags(fs *flag.FlagSet) {
 	r.mem = addMemoryFlags(fs, 2048)
 	r.stepTimeout = fs.Duration("pipeline-step-timeout", 5*time.Second, "a step no stage answers within this fails with its requests")
 	r.micro = fs.Int("pipeline-micro-batches", -1, "micro-batches the head keeps in the pipeline (-1: one per stage; 1: one at a time)")
+	r.link = addPipelineLinkFlag(fs, parallel.LinkTCP, "how hidden rows travel between stages: tcp, nccl (device memory over NCCL: InfiniBand/RoCE) or auto (the head: nccl on CUDA with libnccl, else tcp; the others: the head's choice); every daemon of a cluster takes the same")
 }
 
 // Activate stops the previous epoch's stage and starts this one's.
@@ -90,6 +92,10 @@ func (r *nodeRuntime) stop() {
 
 func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.StageAssignment, opts *node.Options, log *slog.Logger) error {
 	src := r.model.at(opts.Model)
+	link, err := parallel.ParsePipelineLink(*r.link)
+	if err != nil {
+		return err
+	}
 	S := len(plan.Stages)
 	if S > 1 && opts.DataAddr == "" {
 		return errors.New("a pipeline of several hosts needs --data-listen on every host")
@@ -104,7 +110,7 @@ func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.
 		key.Name = fmt.Sprintf("stage%d", mine.Stage)
 	}
 	if mine.Stage == 0 {
-		return r.runHead(ctx, src, be, kvDType, plan.Epoch, mine, S, opts, key, log)
+		return r.runHead(ctx, src, be, kvDType, plan.Epoch, mine, S, opts, key, link, log)
 	}
 	next, err := nextDataAddr(plan, mine)
 	if err != nil {
@@ -123,7 +129,7 @@ func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.
 	log.Info("stage ready", "listen", l.Addr().String(), "next", next)
 	opts.Stages.SetMetrics(plan.Epoch, func() node.StageMetrics { return r.stageMetrics(st.StepStats()) })
 	opts.Stages.Set(plan.Epoch, node.StageReady, "")
-	return l.Serve(ctx, st, next)
+	return l.ServeLink(ctx, st, next, link)
 }
 
 // nextDataAddr is where stage mine sends its rows: the next stage, or the
@@ -144,7 +150,7 @@ func nextDataAddr(plan node.ClusterPlan, mine node.StageAssignment) (string, err
 }
 
 func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be kernels.Backend, kvDType kernels.DType, epoch uint64,
-	mine node.StageAssignment, S int, opts *node.Options, key tcp.Config, log *slog.Logger) error {
+	mine node.StageAssignment, S int, opts *node.Options, key tcp.Config, link parallel.PipelineLink, log *slog.Logger) error {
 	opt := parallel.EngineOptions{}
 	if err := r.mem.apply(&opt, kvDType, r.cfg.MaxNumSeqs, r.cfg.MaxModelLen); err != nil {
 		return err
@@ -173,7 +179,7 @@ func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be 
 		}
 		defer l.Close()
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		ring, err := parallel.ConnectRingTCP(cctx, e, l, mine.Next.DataAddr, parallel.RingOptions{StepTimeout: *r.stepTimeout, MicroBatches: *r.micro})
+		ring, err := parallel.ConnectRingTCP(cctx, e, l, mine.Next.DataAddr, parallel.RingOptions{StepTimeout: *r.stepTimeout, MicroBatches: *r.micro, Link: link})
 		cancel()
 		if err != nil {
 			return err

@@ -28,11 +28,16 @@ func runStage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	next := fs.String("next", "", "address of the next stage, or of the head's --pipeline-listen for the last stage (required)")
 	name := fs.String("name", "", "this stage's name in the link handshake (default stage-FIRST-END)")
 	keyFile := fs.String("cluster-key-file", "", "the cluster key file (glmtopo node cluster-key; required)")
+	linkFlag := addPipelineLinkFlag(fs, parallel.LinkAuto, "how hidden rows travel: tcp, nccl (device memory, CUDA + libnccl) or auto (whatever the head chose)")
 	backend := addBackendFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	link, lerr := parallel.ParsePipelineLink(*linkFlag)
 	first, end, err := parseLayerRange(*layers)
+	if err == nil {
+		err = lerr
+	}
 	if *dir == "" || *next == "" || *keyFile == "" || err != nil || fs.NArg() != 0 {
 		fmt.Fprintln(stderr, "usage: glmtopo stage --model DIR --layers FIRST:END --next ADDR --cluster-key-file FILE [--listen ADDR] [--device cuda]")
 		if err != nil {
@@ -74,8 +79,16 @@ func runStage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	defer l.Close()
 	fmt.Fprintf(stdout, "stage [%d,%d) listening on %s, next %s\n", first, end, l.Addr(), *next)
-	slog.Info("stage serving", "layers", *layers, "listen", l.Addr().String(), "next", *next, "engine", be.Name())
-	return l.Serve(ctx, st, *next)
+	slog.Info("stage serving", "layers", *layers, "listen", l.Addr().String(), "next", *next, "engine", be.Name(), "link", link)
+	return l.ServeLink(ctx, st, *next, link)
+}
+
+// addPipelineLinkFlag is --pipeline-link (tcp, nccl or auto). A head
+// defaults to tcp: NCCL on one GPU shared by two processes needs each its
+// own NCCL_HOSTID, which auto cannot know; a stage defaults to auto,
+// taking the head's choice.
+func addPipelineLinkFlag(fs *flag.FlagSet, def parallel.PipelineLink, usage string) *string {
+	return fs.String("pipeline-link", string(def), usage)
 }
 
 func parseLayerRange(s string) (first, end int, err error) {
@@ -102,6 +115,7 @@ type pipelineFlags struct {
 	keyFile    *string
 	timeout    *time.Duration
 	micro      *int
+	link       *string
 }
 
 func addPipelineFlags(fs *flag.FlagSet) pipelineFlags {
@@ -112,6 +126,7 @@ func addPipelineFlags(fs *flag.FlagSet) pipelineFlags {
 		keyFile:    fs.String("pipeline-cluster-key-file", "", "the cluster key file the stages use"),
 		timeout:    fs.Duration("pipeline-step-timeout", 5*time.Second, "a step that no stage answers within this fails with its requests"),
 		micro:      fs.Int("pipeline-micro-batches", -1, "micro-batches kept in the pipeline (-1: one per stage, keeping every stage busy; 1: one at a time)"),
+		link:       addPipelineLinkFlag(fs, parallel.LinkTCP, "how hidden rows travel between stages: tcp, nccl (device memory over NCCL: InfiniBand/RoCE) or auto (nccl on CUDA with libnccl, else tcp)"),
 	}
 }
 
@@ -122,6 +137,10 @@ func (p pipelineFlags) open(ctx context.Context, src parallel.ModelSource, be ke
 	}
 	if *p.first == "" || *p.keyFile == "" {
 		return nil, nil, fmt.Errorf("--pipeline-head-layers needs --pipeline-first and --pipeline-cluster-key-file")
+	}
+	link, err := parallel.ParsePipelineLink(*p.link)
+	if err != nil {
+		return nil, nil, err
 	}
 	key, err := node.LoadClusterKey(*p.keyFile)
 	if err != nil {
@@ -140,7 +159,7 @@ func (p pipelineFlags) open(ctx context.Context, src parallel.ModelSource, be ke
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	slog.Info("connecting the pipeline", "head_layers", *p.headLayers, "first_stage", *p.first, "listen", l.Addr().String())
-	ring, err := parallel.ConnectRingTCP(cctx, eng, l, *p.first, parallel.RingOptions{StepTimeout: *p.timeout, MicroBatches: *p.micro})
+	ring, err := parallel.ConnectRingTCP(cctx, eng, l, *p.first, parallel.RingOptions{StepTimeout: *p.timeout, MicroBatches: *p.micro, Link: link})
 	if err != nil {
 		l.Close()
 		closeHead()
