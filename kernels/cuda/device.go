@@ -188,13 +188,19 @@ func (g *Device) CopyToHostAsync(dst []byte, src uintptr, s uintptr) error {
 	})
 }
 
-// CopyToDevice copies src to dst synchronously (any host memory).
+// CopyToDevice copies src to dst (any host memory) and returns once dst
+// holds it. Not cuMemcpyHtoD: from pageable memory that returns once src is
+// staged, before the DMA lands, and a kernel on a non-blocking stream (an
+// NCCL collective in the two-rank test) then read the buffer's old bytes.
 func (g *Device) CopyToDevice(dst uintptr, src []byte) error {
 	if len(src) == 0 {
 		return nil
 	}
 	return g.call("cuMemcpyHtoD", func() int32 {
-		return g.x.cuMemcpyHtoD(dst, unsafe.Pointer(unsafe.SliceData(src)), uintptr(len(src)))
+		if r := g.d.cuMemcpyHtoDAsync(dst, unsafe.Pointer(unsafe.SliceData(src)), uintptr(len(src)), 0); r != 0 {
+			return r
+		}
+		return g.d.cuStreamSynchronize(0)
 	})
 }
 
