@@ -27,6 +27,9 @@ func RunServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return runServe(ctx, args, stdout, stderr, loadProjectTokenizer, os.Getenv)
 }
 
+// PlanLoader turns --predict-from-plan FILE into a predictor (predict.go).
+type PlanLoader func(path string) (serving.Predictor, error)
+
 func loadProjectTokenizer(path string) (Tokenizer, error) {
 	t, err := tokenizer.Load(path)
 	if err != nil {
@@ -36,6 +39,11 @@ func loadProjectTokenizer(path string) (Tokenizer, error) {
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer, load TokenizerLoader, getenv func(string) string) error {
+	return runServeWith(ctx, args, stdout, stderr, load, loadPlanPredictor, getenv)
+}
+
+func runServeWith(ctx context.Context, args []string, stdout, stderr io.Writer, load TokenizerLoader, plans PlanLoader,
+	getenv func(string) string) error {
 	opts, err := serving.ParseFlags(args, stderr, getenv)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
@@ -50,8 +58,22 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer, load
 		}
 		opts.Tokenizer = tok
 	}
-	if _, err := serving.Run(ctx, opts.Config, stdout, stderr); err != nil {
+	var predict serving.Predictor
+	if opts.PredictFromPlan != "" { // read before the run: a bad plan fails at once
+		if predict, err = plans(opts.PredictFromPlan); err != nil {
+			return fmt.Errorf("bench serve: --predict-from-plan: %w", err)
+		}
+	}
+	res, err := serving.Run(ctx, opts.Config, stdout, stderr)
+	if err != nil {
 		return fmt.Errorf("bench serve: %w", err)
+	}
+	if predict != nil && res.Metrics.Completed > 0 {
+		p, err := predict(res.Shape())
+		if err != nil {
+			return fmt.Errorf("bench serve: --predict-from-plan: %w", err)
+		}
+		res.PrintPrediction(stdout, p)
 	}
 	return nil
 }

@@ -49,6 +49,7 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		outPath     = fs.String("out", "", "write the output to FILE instead of stdout")
 		alternative = fs.Int("alternatives", 4, "number of alternative configurations to list")
 		overrides   = fs.String("hf-overrides", "", `JSON object merged into the model's config, e.g. '{"num_hidden_layers": 30}' (as serve's)`)
+		cpuFlags    = addCPUPlanFlags(fs) // cpucli.go
 	)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: glmtopo plan --model NAME|DIR (--hosts SPEC | --inventory FILE) [flags]")
@@ -68,6 +69,13 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	case "table", "json", "yaml", "svg":
 	default:
 		return fmt.Errorf("plan: --output %q is unknown (table, json, yaml, svg)", *output)
+	}
+	if cpuFlags.active() {
+		res, err := cpuFlags.plan(ctx, fs, *modelName, *overrides, *maxSeqs, *batched, *maxLen, *inputLen, *outputLen, stderr)
+		if err != nil || res == nil {
+			return err
+		}
+		return writePlan(res, *output, *outPath, stdout)
 	}
 	if (*hosts == "") == (*invPath == "") {
 		return errors.New("plan: give exactly one of --hosts or --inventory")
@@ -139,8 +147,14 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	return writePlan(res, *output, *outPath, stdout)
+}
+
+// writePlan renders res as output (table, json, yaml, svg) to outPath or stdout.
+func writePlan(res *PlanResult, output, outPath string, stdout io.Writer) error {
 	var buf bytes.Buffer
-	switch *output {
+	var err error
+	switch output {
 	case "table":
 		err = res.WriteTable(&buf)
 	case "json":
@@ -157,10 +171,10 @@ func RunPlan(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		err = res.WriteSVG(&buf)
 	}
 	if err != nil {
-		return fmt.Errorf("plan: render %s: %w", *output, err)
+		return fmt.Errorf("plan: render %s: %w", output, err)
 	}
-	if *outPath != "" {
-		if err := os.WriteFile(*outPath, buf.Bytes(), 0o644); err != nil {
+	if outPath != "" {
+		if err := os.WriteFile(outPath, buf.Bytes(), 0o644); err != nil {
 			return fmt.Errorf("plan: %w", err)
 		}
 	} else if _, err := stdout.Write(buf.Bytes()); err != nil {

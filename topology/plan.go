@@ -75,6 +75,8 @@ type PlanResult struct {
 	// Rejected lists the configurations that cannot run at all, and why.
 	Rejected []string       `json:"rejected,omitempty" yaml:"rejected,omitempty"`
 	Weights  WeightsSummary `json:"weights" yaml:"weights"`
+	// CPU is set on plans for the CPU engine (cpuplan.go).
+	CPU *CPUPlan `json:"cpu,omitempty" yaml:"cpu,omitempty"`
 
 	hw []hostHW // resolved hosts, for rendering
 }

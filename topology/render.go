@@ -10,6 +10,9 @@ import (
 
 // WriteTable writes the plan as a readable report.
 func (r *PlanResult) WriteTable(w io.Writer) error {
+	if r.CPU != nil {
+		return r.writeCPUTable(w) // cpuplan.go
+	}
 	var b strings.Builder
 	verdict := "FITS"
 	if !r.Feasible {

@@ -18,6 +18,9 @@ type Options struct {
 	Config
 	// TokenizerDir is --tokenizer: a directory holding tokenizer.json (or the file itself).
 	TokenizerDir string
+	// PredictFromPlan is --predict-from-plan: a plan file (`glmtopo plan
+	// --output json`) whose prediction for this run is printed beside it.
+	PredictFromPlan string
 }
 
 // ParseFlags parses `glmtopo bench serve` arguments, named as `vllm bench serve` names them.
@@ -40,6 +43,7 @@ func ParseFlags(args []string, stderr io.Writer, getenv func(string) string) (Op
 	fs.StringVar(&c.Label, "label", "", "label (prefix) of the result file (default \"openai\")")
 	fs.StringVar(&c.APIKey, "api-key", "", "bearer token (default $OPENAI_API_KEY)")
 	fs.StringVar(&o.TokenizerDir, "tokenizer", "", "directory with the server's tokenizer.json: makes random prompts token-exact")
+	fs.StringVar(&o.PredictFromPlan, "predict-from-plan", "", "plan file ('glmtopo plan --cpu-stages N --output json'): print its prediction for this run's shape beside the measured numbers")
 	fs.StringVar(&c.DatasetName, "dataset-name", def.DatasetName, "random, sharegpt or custom")
 	fs.StringVar(&c.DatasetPath, "dataset-path", "", "ShareGPT JSON or custom JSONL file")
 	fs.IntVar(&c.RandomInputLen, "random-input-len", def.RandomInputLen, "random dataset: prompt tokens")
