@@ -119,13 +119,8 @@ func (s *Scheduler) specCompleteMicroBatch(r *Ring, p *headPipe) (err error) {
 			r.head.step(mb.T, mb.front+time.Since(start)-r.lastWait)
 		}
 	}()
-	if err := p.sched.Step(pipeline.Event{Type: pipeline.StageDone, Step: mb.step, Stage: p.depth - 1}); err != nil {
+	if err := p.retire(mb); err != nil {
 		return err
-	}
-	ready := p.sched.Ready()
-	p.sched.Advance()
-	if len(ready.Complete) != 1 || ready.Complete[0].Step != mb.step {
-		return fmt.Errorf("pipeline: step %d came back out of order (%+v)", mb.step, ready.Complete)
 	}
 	var live []*specPart
 	for _, q := range parts {

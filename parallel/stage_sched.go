@@ -149,6 +149,20 @@ func (s *Scheduler) submitMicroBatch(r *Ring, p *headPipe, mb *pipeBatch) error 
 	return nil
 }
 
+// retire tells the schedule that mb's rows are back (the last stage is
+// done with it) and checks that it was the oldest in flight.
+func (p *headPipe) retire(mb *pipeBatch) error {
+	if err := p.sched.Step(pipeline.Event{Type: pipeline.StageDone, Step: mb.step, Stage: p.depth - 1}); err != nil {
+		return err
+	}
+	ready := p.sched.Ready()
+	p.sched.Advance()
+	if len(ready.Complete) != 1 || ready.Complete[0].Step != mb.step {
+		return fmt.Errorf("pipeline: step %d came back out of order (%+v)", mb.step, ready.Complete)
+	}
+	return nil
+}
+
 // completeMicroBatch receives the oldest micro-batch's rows, runs the
 // head, samples and updates its sequences as Scheduler.step does.
 func (s *Scheduler) completeMicroBatch(r *Ring, p *headPipe) (err error) {
@@ -167,13 +181,8 @@ func (s *Scheduler) completeMicroBatch(r *Ring, p *headPipe) (err error) {
 			r.head.step(mb.T, mb.front+time.Since(start)-r.lastWait)
 		}
 	}()
-	if err := p.sched.Step(pipeline.Event{Type: pipeline.StageDone, Step: mb.step, Stage: p.depth - 1}); err != nil {
+	if err := p.retire(mb); err != nil {
 		return err
-	}
-	ready := p.sched.Ready()
-	p.sched.Advance()
-	if len(ready.Complete) != 1 || ready.Complete[0].Step != mb.step {
-		return fmt.Errorf("pipeline: step %d came back out of order (%+v)", mb.step, ready.Complete)
 	}
 	params := make([]kernels.SampleParams, len(mb.order))
 	for i, q := range mb.order {

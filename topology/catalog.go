@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sort"
 	"strings"
 
@@ -182,15 +181,7 @@ func ParseCalibration(data []byte) (*Calibration, error) {
 
 // LoadCalibration reads a calibration file.
 func LoadCalibration(path string) (*Calibration, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("load calibration: %w", err)
-	}
-	c, err := ParseCalibration(data)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return c, nil
+	return loadFile(path, "calibration", ParseCalibration)
 }
 
 // apply returns def overridden by the entry for GPU model name.

@@ -210,14 +210,4 @@ func ParsePlan(data []byte) (*PlanResult, error) {
 }
 
 // LoadPlan reads a plan file.
-func LoadPlan(path string) (*PlanResult, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("load plan: %w", err)
-	}
-	res, err := ParsePlan(data)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return res, nil
-}
+func LoadPlan(path string) (*PlanResult, error) { return loadFile(path, "plan", ParsePlan) }

@@ -113,15 +113,7 @@ func ParseCPUSpec(data []byte) (CPUSpec, error) {
 
 // LoadCPUSpec reads a CPU calibration file.
 func LoadCPUSpec(path string) (CPUSpec, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return CPUSpec{}, fmt.Errorf("load cpu calibration: %w", err)
-	}
-	c, err := ParseCPUSpec(data)
-	if err != nil {
-		return c, fmt.Errorf("%s: %w", path, err)
-	}
-	return c, nil
+	return loadFile(path, "cpu calibration", ParseCPUSpec)
 }
 
 // WriteFile writes the calibration as YAML.

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"os"
 	"sort"
 	"strconv"
 
@@ -54,15 +53,7 @@ func ParseExpertLoad(data []byte) (*ExpertLoad, error) {
 
 // LoadExpertLoad reads an expert-load file.
 func LoadExpertLoad(path string) (*ExpertLoad, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("load expert load: %w", err)
-	}
-	l, err := ParseExpertLoad(data)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return l, nil
+	return loadFile(path, "expert load", ParseExpertLoad)
 }
 
 // validate checks the histogram against the model.

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -143,15 +142,7 @@ func ParseInventory(data []byte) (Inventory, error) {
 
 // LoadInventory reads and parses an inventory file.
 func LoadInventory(path string) (Inventory, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return Inventory{}, fmt.Errorf("load inventory: %w", err)
-	}
-	inv, err := ParseInventory(data)
-	if err != nil {
-		return inv, fmt.Errorf("%s: %w", path, err)
-	}
-	return inv, nil
+	return loadFile(path, "inventory", ParseInventory)
 }
 
 var shorthandRE = regexp.MustCompile(`^(\d+)x(\d+)x([A-Za-z0-9][A-Za-z0-9._-]*)$`)
