@@ -173,30 +173,20 @@ func emuDown(n int) {
 
 // emuCluster is the daemons of the test, one per namespace.
 type emuCluster struct {
-	t     *testing.T
-	dir   string
+	daemonProcs
 	model string
 	key   string
 	n     int
 
 	onFail func() // more to say when a wait fails
-
-	mu    sync.Mutex
-	procs []*exec.Cmd
 }
 
 // goroutineDump SIGQUITs daemon i (the Go runtime prints every goroutine's
 // stack and exits) and summarizes the dump: goroutines by their top frame.
 func (c *emuCluster) goroutineDump(i int) string {
-	c.mu.Lock()
-	cmd := c.procs[i]
-	c.procs[i] = nil
-	c.mu.Unlock()
-	if cmd == nil {
+	if !c.signal(i, syscall.SIGQUIT) {
 		return "(not running)"
 	}
-	cmd.Process.Signal(syscall.SIGQUIT)
-	cmd.Wait()
 	data, _ := os.ReadFile(filepath.Join(c.dir, fmt.Sprintf("h%d.log", i)))
 	counts := map[string]int{}
 	var lines []string
@@ -253,37 +243,9 @@ func (c *emuCluster) start(i int) {
 		"--model", c.model, "--expect", fmt.Sprint(c.n), "--heartbeat-interval", "200ms",
 		"--data-listen", fmt.Sprintf("%s:%d", emuAddr(i), emuDataPort),
 		"--host", emuAddr(i), "--port", fmt.Sprint(emuAPIPort), "--served-model-name", "tiny", "--max-num-seqs", "64"}
-	logf, err := os.OpenFile(filepath.Join(c.dir, fmt.Sprintf("h%d.log", i)), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd := exec.Command("ip", args...)
-	cmd.Env = append(os.Environ(), execMainEnv+"=1")
-	// A daemon dies with the test process, even when a timeout kills it
-	// before its cleanups run.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		c.t.Fatalf("start h%d: %v", i, err)
-	}
-	c.mu.Lock()
-	c.procs[i] = cmd
-	c.mu.Unlock()
+	c.startDaemon(i, exec.Command("ip", args...))
 }
 
-// kill SIGKILLs daemon i and reaps it.
-func (c *emuCluster) kill(i int) {
-	c.mu.Lock()
-	cmd := c.procs[i]
-	c.procs[i] = nil
-	c.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
-}
 
 func (c *emuCluster) stopAll() {
 	for i := range c.n {
@@ -454,7 +416,7 @@ func TestEmulatedHostsNodeLoss(t *testing.T) {
 	const n = 3
 	emuHosts(t, n)
 	dir := t.TempDir()
-	c := &emuCluster{t: t, dir: dir, model: filepath.Join(dir, "tiny"), key: filepath.Join(dir, "cluster.key"), n: n, procs: make([]*exec.Cmd, n)}
+	c := &emuCluster{daemonProcs: newDaemonProcs(t, dir, n), model: filepath.Join(dir, "tiny"), key: filepath.Join(dir, "cluster.key"), n: n}
 	if _, errs, code := runCLI(t, "model", "synth", "--preset", "tiny", "--seed", "1", "--out", c.model); code != 0 {
 		t.Fatalf("model synth: %s", errs)
 	}

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,12 +20,10 @@ import (
 // loopCluster is n daemons on 127.0.0.1, each its own process (the test
 // binary re-executed), with its own ports.
 type loopCluster struct {
-	t                      *testing.T
-	dir, model, key        string
+	daemonProcs
+	model, key             string
 	p2p, data, api         []int
 	replanAfter, heartbeat string
-	mu                     sync.Mutex
-	procs                  []*exec.Cmd
 }
 
 func loopPorts(t *testing.T, n int) []int {
@@ -60,31 +57,7 @@ func (c *loopCluster) start(i int) {
 		"--model", c.model, "--expect", fmt.Sprint(len(c.p2p)), "--heartbeat-interval", c.heartbeat, "--replan-after", c.replanAfter,
 		"--data-listen", fmt.Sprintf("127.0.0.1:%d", c.data[i]), "--host", "127.0.0.1", "--port", fmt.Sprint(c.api[i]),
 		"--served-model-name", "tiny", "--max-num-seqs", "16")
-	logf, err := os.OpenFile(filepath.Join(c.dir, fmt.Sprintf("h%d.log", i)), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd.Env = append(os.Environ(), execMainEnv+"=1")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		c.t.Fatalf("start h%d: %v", i, err)
-	}
-	c.mu.Lock()
-	c.procs[i] = cmd
-	c.mu.Unlock()
-}
-
-func (c *loopCluster) kill(i int) {
-	c.mu.Lock()
-	cmd := c.procs[i]
-	c.procs[i] = nil
-	c.mu.Unlock()
-	if cmd != nil {
-		cmd.Process.Signal(syscall.SIGKILL)
-		cmd.Wait()
-	}
+	c.startDaemon(i, cmd)
 }
 
 // wait polls daemon i's status until ok returns "" or timeout passes.
@@ -164,9 +137,8 @@ func TestLoopbackStageStatsAndSurvivorReplan(t *testing.T) {
 	began := time.Now()
 	const n = 3
 	dir := t.TempDir()
-	c := &loopCluster{t: t, dir: dir, model: filepath.Join(dir, "tiny"), key: filepath.Join(dir, "cluster.key"),
-		p2p: loopPorts(t, n), data: loopPorts(t, n), api: loopPorts(t, n), replanAfter: "1s", heartbeat: "200ms",
-		procs: make([]*exec.Cmd, n)}
+	c := &loopCluster{daemonProcs: newDaemonProcs(t, dir, n), model: filepath.Join(dir, "tiny"), key: filepath.Join(dir, "cluster.key"),
+		p2p: loopPorts(t, n), data: loopPorts(t, n), api: loopPorts(t, n), replanAfter: "1s", heartbeat: "200ms"}
 	if _, errs, code := runCLI(t, "model", "synth", "--preset", "tiny", "--seed", "1", "--out", c.model); code != 0 {
 		t.Fatalf("model synth: %s", errs)
 	}
