@@ -24,26 +24,6 @@ build() {
 	echo "built $BIN/nccl.test bin/glmtopo"
 }
 
-mps_started=0
-start_mps() {
-	if ! command -v nvidia-cuda-mps-control >/dev/null; then
-		echo "no nvidia-cuda-mps-control: the two ranks will time-slice (expect ms, not µs)" | tee -a "$OUT/summary.txt"
-		return
-	fi
-	if echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
-		echo "MPS daemon already running (left as it is)" | tee -a "$OUT/summary.txt"
-		return
-	fi
-	nvidia-cuda-mps-control -d && mps_started=1 && echo "MPS daemon started" | tee -a "$OUT/summary.txt"
-}
-
-stop_mps() {
-	if [ "$mps_started" = 1 ]; then
-		echo quit | nvidia-cuda-mps-control && echo "MPS daemon stopped" | tee -a "$OUT/summary.txt"
-		mps_started=0
-	fi
-}
-
 # tests NAME TIMEOUT PATTERN [ENV...]: run nccl.test's tests matching PATTERN into $OUT/NAME.log.
 tests() {
 	local name=$1 limit=$2 pattern=$3

@@ -15,3 +15,26 @@ gpu_tests() {
 	echo "parallel tests rc=$? passed=$(grep -c -- '--- PASS' "$OUT/parallel-tests.log") failed=$(grep -c -- '--- FAIL' "$OUT/parallel-tests.log")"
 	grep -B8 -- "--- FAIL" "$OUT/parallel-tests.log" | head -30
 }
+
+# start_mps starts the CUDA MPS daemon unless one runs (two processes' contexts
+# on one GPU would otherwise time-slice); stop_mps stops it if start_mps did.
+# Both log to $OUT/summary.txt.
+mps_started=0
+start_mps() {
+	if ! command -v nvidia-cuda-mps-control >/dev/null; then
+		echo "no nvidia-cuda-mps-control: the two processes will time-slice (expect ms, not µs)" | tee -a "$OUT/summary.txt"
+		return
+	fi
+	if echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
+		echo "MPS daemon already running (left as it is)" | tee -a "$OUT/summary.txt"
+		return
+	fi
+	nvidia-cuda-mps-control -d && mps_started=1 && echo "MPS daemon started" | tee -a "$OUT/summary.txt"
+}
+
+stop_mps() {
+	if [ "$mps_started" = 1 ]; then
+		echo quit | nvidia-cuda-mps-control && echo "MPS daemon stopped" | tee -a "$OUT/summary.txt"
+		mps_started=0
+	fi
+}

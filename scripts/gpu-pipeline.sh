@@ -35,15 +35,12 @@ run() {
 		log=$OUT/pipeline-nccl.log
 		env+=(NCCL_HOSTID="${NCCL_HOSTID:-glmtopo-pipeline-head}" NCCL_NVLS_ENABLE=0)
 	fi
-	local mps_started=0
-	if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null && ! echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
-		nvidia-cuda-mps-control -d && mps_started=1 && echo "MPS daemon started"
-	fi
+	[ "${MPS:-0}" = 1 ] && start_mps
 	# At most 150 s: one-process run, each request decoded alone up to its first near tie, then a two-process run per MICRO entry (default "1,2" micro-batches in flight).
 	(cd parallel && env "${env[@]}" GLMTOPO_PIPE_LAYERS=${LAYERS:-8} GLMTOPO_PIPE_MICRO=${MICRO:-1,2} timeout 150 "../$BIN/parallel.test" \
 		-test.v -test.count=1 -test.timeout=148s -test.run '^TestPipelineGPUTwoProcesses$') >"$log" 2>&1
 	local rc=$?
-	[ "$mps_started" = 1 ] && echo quit | nvidia-cuda-mps-control
+	stop_mps
 	# Decode tok/s one process vs two (target >= 80%), then per ring step: round trip, head and stage bubble, stage
 	# compute, and the header-only hop latency.
 	grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|per step|differ|diverge|near tie|lockstep|deterministic|nccl|panic|Error' "$log" | cut -c1-400
