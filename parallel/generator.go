@@ -1,6 +1,9 @@
-// Package parallel runs GLM-4.5 layers as pipeline stages: KV cache, batching,
-// the single-process engine with MTP speculative decoding (spec*.go), and
-// (later) expert-parallel dispatch.
+// Package parallel runs GLM-4.5 layers: the paged KV cache, the continuous-
+// batching scheduler and the engine with MTP speculative decoding (spec*.go);
+// pipeline stages (stage*.go: the head's ring over TCP or NCCL links, executor
+// stages, micro-batches in flight with pipeline/'s schedule, spec_pipe.go);
+// and a stage's layers on several tensor/expert-parallel ranks (ranks.go,
+// tp/), or on one GPU with a one-rank communicator (comm.go).
 package parallel
 
 import (
