@@ -127,6 +127,11 @@ func NewScheduler(e *Engine, opt SchedulerOptions) *Scheduler {
 	opt = e.boundScheduler(opt) // memplan.go: never more than the step workspace holds
 	s := &Scheduler{eng: e, opt: opt, log: opt.Logger, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	s.spec = newSpeculator(opt.Speculative)
+	if r, ok := e.remote.(*Ring); ok && s.spec != nil {
+		if err := r.draftSlot(); err != nil {
+			s.log.Warn("pipeline: no extra micro-batch for the drafts", "err", err)
+		}
+	}
 	for _, id := range e.Cfg.EOSTokenIDs {
 		s.eos = append(s.eos, int32(id))
 	}

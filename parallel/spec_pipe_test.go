@@ -77,7 +77,8 @@ func TestSpecPipeTokensIdentical(t *testing.T) {
 			}
 		}
 	}
-	cases = append(cases, specPipeCase{"tiny", 3, 3, 3, false, false}, specPipeCase{"tiny", 2, 2, 1, true, true})
+	cases = append(cases, specPipeCase{"tiny", 3, 3, 3, false, false}, specPipeCase{"tiny", 2, 2, 1, true, true},
+		specPipeCase{"tiny", 2, -1, 1, true, false}) // "one per stage": S+1 under speculation
 	oracles := map[string]func(*request, []int32){}
 	for _, c := range cases {
 		t.Run(c.String(), func(t *testing.T) {
@@ -103,6 +104,9 @@ func TestSpecPipeTokensIdentical(t *testing.T) {
 			head, ring := inProcessPipelineOpt(t, dir, splitLayers(numLayers(t, dir), c.stages), specPipeKV, RingOptions{MicroBatches: c.micro})
 			violations := watchInFlightFrees(head, ring)
 			s := NewScheduler(head, opt)
+			if c.micro < 0 && ring.pipe.depth != c.stages+1 {
+				t.Errorf("one micro-batch per stage under speculation: depth %d, want %d (S+1)", ring.pipe.depth, c.stages+1)
+			}
 			s.spec.override = override
 			s.spec.accept = ref.spec.accept
 			var headerErrs []string

@@ -61,22 +61,25 @@ type Ring struct {
 	pipe     *headPipe     // the scheduler's micro-batches in flight (stage_sched.go); nil: one at a time
 	// microBatch is the next send's micro-batch slot (submitMicroBatch sets it).
 	microBatch uint32
-	seqs       map[int32]*ringSeq // by the sequence's first block
-	owner      map[int32]int32    // block → the first block of the sequence the stages think holds it
-	err        error
-	msg        transport.Message
-	rows       rowMover      // host or device payloads (rows.go, rows_device.go)
-	closeDev   func()        // frees the device links' resources after Close (nil: none)
-	rx         *ringReceiver // reads the last stage's answers (stage_recv.go)
-	stepTime   time.Duration
-	waitTime   time.Duration // the head idle in recv, waiting for an answer
-	sent       map[uint64]time.Time
-	rtt        time.Duration // summed send-to-answer times of the steps
-	mu         sync.Mutex    // guards err and the counters, read by Err and Stats
-	steps      int64
-	head       stepRecorder  // the head stage's own steps (StepStats)
-	lastEnd    time.Time     // when the last synchronous step's answer was in
-	lastWait   time.Duration // the last recv's wait for its answer
+	// autoDepth: MicroBatches was "one per stage"; a speculating scheduler
+	// adds one (draftSlot).
+	autoDepth, drafted bool
+	seqs               map[int32]*ringSeq // by the sequence's first block
+	owner              map[int32]int32    // block → the first block of the sequence the stages think holds it
+	err                error
+	msg                transport.Message
+	rows               rowMover      // host or device payloads (rows.go, rows_device.go)
+	closeDev           func()        // frees the device links' resources after Close (nil: none)
+	rx                 *ringReceiver // reads the last stage's answers (stage_recv.go)
+	stepTime           time.Duration
+	waitTime           time.Duration // the head idle in recv, waiting for an answer
+	sent               map[uint64]time.Time
+	rtt                time.Duration // summed send-to-answer times of the steps
+	mu                 sync.Mutex    // guards err and the counters, read by Err and Stats
+	steps              int64
+	head               stepRecorder  // the head stage's own steps (StepStats)
+	lastEnd            time.Time     // when the last synchronous step's answer was in
+	lastWait           time.Duration // the last recv's wait for its answer
 }
 
 type ringSeq struct {
@@ -86,6 +89,22 @@ type ringSeq struct {
 	step   uint64  // the last step that carried it
 }
 
+// draftSlot gives a ring of "one micro-batch per stage" one more, once,
+// for a scheduler that speculates: the design's S+1, so that the head's MTP
+// draft (about one MoE layer) is hidden behind the micro-batches downstream.
+// Call it before the first step.
+func (r *Ring) draftSlot() error {
+	if !r.autoDepth || r.drafted || r.pipe == nil || len(r.pipe.flight) > 0 {
+		return nil
+	}
+	p, err := newHeadPipe(r.pipe.depth + 1)
+	if err != nil {
+		return err
+	}
+	r.pipe, r.drafted = p, true
+	return nil
+}
+
 // RingOptions configure ConnectRing.
 type RingOptions struct {
 	// StepTimeout bounds one step's round trip (default 5 s): a stage that
@@ -93,9 +112,9 @@ type RingOptions struct {
 	StepTimeout time.Duration
 	// MicroBatches is how many micro-batches the head's scheduler keeps in
 	// the ring (stage_sched.go): S stages need S to keep every stage busy
-	// during decode. 0 or 1: one step at a time; negative: one per stage.
-	// Speculative decoding keeps them in flight too (spec_pipe.go); its
-	// MTP draft at the head makes S+1 the number that hides the head's work.
+	// during decode. 0 or 1: one step at a time; negative: one per stage,
+	// and one more under a speculating scheduler (draftSlot): its MTP draft
+	// at the head makes S+1 the number that hides the head's work.
 	MicroBatches int
 	// Link is how the rows travel (stage_link.go): "" or LinkTCP host rows
 	// on the given links; LinkNCCL device rows through a communicator per
@@ -159,6 +178,7 @@ func ConnectRing(ctx context.Context, e *Engine, out, in transport.Link, opt Rin
 	}
 	if opt.MicroBatches < 0 {
 		opt.MicroBatches = len(got.Ranges)
+		r.autoDepth = true
 	}
 	if opt.MicroBatches > 1 {
 		if r.pipe, err = newHeadPipe(opt.MicroBatches); err != nil {
