@@ -39,8 +39,12 @@ type RankOptions struct {
 	Experts       []topology.LayerExperts
 	// NewBackend makes rank r's backend (required with Ranks > 1).
 	NewBackend func(rank int) (kernels.Backend, error)
-	// Timeout bounds each collective wait (default 30 s).
+	// Timeout bounds each collective wait (default 30 s; with
+	// Collectives, each step).
 	Timeout time.Duration
+	// Collectives makes the ranks' communicators (tp.NCCL on GPUs: see
+	// TensorParallelCUDA); nil: in-process collectives through the host.
+	Collectives tp.Collectives
 }
 
 // TensorParallel is vLLM's --tensor-parallel-size n: n ranks, every routed
@@ -69,7 +73,7 @@ func openGroup(ctx context.Context, src ModelSource, cfg *model.Config, first, e
 	load := func(ctx context.Context, sel model.Selection, be kernels.Backend) (*model.Weights, func(), error) {
 		return loadSelection(ctx, src, cfg, sel, be, progress)
 	}
-	return tp.New(ctx, g, tp.Options{NewBackend: o.NewBackend, Load: load, Timeout: o.Timeout})
+	return tp.New(ctx, g, tp.Options{NewBackend: o.NewBackend, Load: load, Timeout: o.Timeout, Collectives: o.Collectives})
 }
 
 // openRanked makes the engine of a pipeline's head (or the whole model,

@@ -30,7 +30,7 @@ func addBackendFlags(fs *flag.FlagSet) backendFlags {
 		fastGemm: fs.Bool("fast-gemm", true, "cuda: round activations to bf16 once in prefill GEMMs, as vLLM and SGLang run; "+
 			"false: two bf16 halves (~f32, as the CPU reference; twice the GEMM FLOPs)"),
 		tp: fs.Int("tensor-parallel-size", 1, "run the decoder layers on N ranks (as vLLM's): attention, dense MLP and shared expert split N ways, "+
-			"routed experts too unless --enable-expert-parallel; cpu: N ranks in this process"),
+			"routed experts too unless --enable-expert-parallel; cpu: N ranks in this process; cuda: rank r on GPU r, NCCL all-reduces"),
 		ep: fs.Bool("enable-expert-parallel", false, "with --tensor-parallel-size N: whole routed experts in contiguous blocks on the N ranks instead of each split N ways (as vLLM's)"),
 	}
 }
@@ -43,8 +43,10 @@ func (f backendFlags) ranks() (parallel.RankOptions, error) {
 		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d: want at least 1", n)
 	case n == 1:
 		return parallel.RankOptions{}, nil
+	case *f.device == "cuda" || *f.device == "cuda:0":
+		return parallel.TensorParallelCUDA(n, *f.ep, cuda.Options{FastWideGemm: *f.fastGemm}, nil)
 	case *f.device != "cpu":
-		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d on --device %s: a stage on several GPUs is not supported yet (issue 17); --device cpu runs %d ranks in this process", n, *f.device, n)
+		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d on --device %s: the ranks take GPUs 0..%d (pick them with CUDA_VISIBLE_DEVICES and --device cuda); --device cpu runs %d ranks in this process", n, *f.device, n-1, n)
 	}
 	workers := max(1, runtime.GOMAXPROCS(0)/n) // the ranks run at once: share the cores
 	return parallel.TensorParallel(n, *f.ep, func(int) (kernels.Backend, error) { return cpu.New(workers), nil }), nil

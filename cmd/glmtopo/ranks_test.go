@@ -10,7 +10,8 @@ import (
 
 // TestGenerateTensorParallel: --tensor-parallel-size N (with and without
 // --enable-expert-parallel) on the CPU generates one process's greedy
-// tokens; other devices and bad sizes are refused with a clear error.
+// tokens; too few GPUs, a GPU other than the first and bad sizes are
+// refused with a clear error.
 func TestGenerateTensorParallel(t *testing.T) {
 	tiny := filepath.Join("..", "..", "testdata", "glm4moe", "tiny", "model")
 	gen := func(extra ...string) (string, string, int) {
@@ -36,7 +37,8 @@ func TestGenerateTensorParallel(t *testing.T) {
 		flags []string
 		want  string
 	}{
-		{[]string{"--tensor-parallel-size", "2", "--device", "cuda"}, "not supported yet"},
+		{[]string{"--tensor-parallel-size", "64", "--device", "cuda"}, "needs 64 GPUs"}, // more than any host here: says how many are visible
+		{[]string{"--tensor-parallel-size", "2", "--device", "cuda:1"}, "GPUs 0..1"},
 		{[]string{"--tensor-parallel-size", "0"}, "at least 1"},
 		{[]string{"--tensor-parallel-size", "3"}, "attention heads"},
 	} {

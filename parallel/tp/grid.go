@@ -2,15 +2,17 @@
 // parallelism for attention, the dense MLP and the shared expert, expert
 // parallelism (with EPLB replicas) for the routed experts. Grid lays the
 // ranks out, in one place, from the sizes and the planner's expert
-// placement; Group drives one goroutine per rank with an in-process
-// collective (the CPU reference; GPUs plug an NCCL communicator into the
-// same kernels.Collective).
+// placement; Group drives one goroutine per rank, its sums through
+// in-process collectives (the CPU reference) or through communicators from
+// Options.Collectives: NCCL over one host's GPUs (nccl.go), each rank's
+// all-reduces queued on its CUDA backend's stream.
 package tp
 
 import (
 	"fmt"
 	"slices"
 
+	"github.com/glmtopo/glmtopo/kernels"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/topology"
 )
@@ -142,8 +144,9 @@ func (g *Grid) Selection(r int) model.Selection {
 		Expert: func(l, e int) bool { return g.Holds(r, l, e) }}
 }
 
-// Comm is the RankComm of rank r with its collectives.
-func (g *Grid) comm(r int, tp, moe *comm) *model.RankComm {
+// comm is the RankComm of rank r with its collectives (those the grid
+// does not need are left out).
+func (g *Grid) comm(r int, tp, moe kernels.Collective) *model.RankComm {
 	rc := &model.RankComm{SharedExpert: g.Replica(r) == 0, Replicas: replicaMask{g, g.Group(r)}}
 	if g.TP > 1 {
 		rc.TP = tp

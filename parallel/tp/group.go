@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/glmtopo/glmtopo/kernels"
@@ -22,7 +23,15 @@ type Options struct {
 	Load Loader
 	// Timeout bounds every collective wait (default 30 s): a rank that
 	// stops answering fails the step, naming the ranks that never came.
+	// With Collectives, whose waits happen inside the backends' stream
+	// synchronisation, it bounds the whole step instead: past it the
+	// communicators are aborted.
 	Timeout time.Duration
+	// Collectives, when set, makes the ranks' communicators once (an NCCL
+	// communicator per TP group and one over every rank: NCCL below);
+	// nil sums through the host with in-process collectives made per step,
+	// the CPU reference, which works on any backend.
+	Collectives Collectives
 }
 
 // Group runs decoder layers [Grid.First, Grid.End) on Grid.Ranks ranks in
@@ -34,6 +43,8 @@ type Group struct {
 	ranks   []*rank
 	timeout time.Duration
 	hidden  int
+	comms   *Comms      // from Options.Collectives; nil: in-process per step
+	aborted atomic.Bool // comms were aborted: no more steps
 }
 
 type rank struct {
@@ -62,6 +73,14 @@ func New(ctx context.Context, g *Grid, opt Options) (*Group, error) {
 		}
 		gr.ranks = append(gr.ranks, rk)
 		go rk.loop()
+	}
+	if opt.Collectives != nil {
+		c, err := openComms(ctx, g, gr.ranks, opt.Collectives)
+		if err != nil {
+			gr.Close()
+			return nil, err
+		}
+		gr.comms = c
 	}
 	return gr, nil
 }
@@ -136,11 +155,16 @@ func (gr *Group) FreeKV() {
 	}
 }
 
-// Close stops the ranks and frees their caches, weights and backends.
+// Close stops the ranks and frees their caches, communicators, weights and
+// backends (the communicators before the backends whose streams they use).
 func (gr *Group) Close() {
 	gr.FreeKV()
 	for _, rk := range gr.ranks {
 		close(rk.jobs)
+	}
+	gr.comms.close()
+	gr.comms = nil
+	for _, rk := range gr.ranks {
 		if rk.release != nil {
 			rk.release()
 		}

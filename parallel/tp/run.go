@@ -2,6 +2,7 @@ package tp
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/glmtopo/glmtopo/kernels"
@@ -16,9 +17,8 @@ type comms struct {
 	world *hub
 }
 
-func (gr *Group) newComms(ctx context.Context) *comms {
+func (gr *Group) newComms(f *fate) *comms {
 	g := gr.Grid
-	f := newFate(ctx)
 	c := &comms{fate: f}
 	all := make([]int, g.Ranks)
 	for r := range all {
@@ -51,19 +51,26 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 	if len(gr.ranks) == 0 || len(gr.ranks[0].kv) != len(gr.ranks[0].w.Layers) {
 		return fmt.Errorf("rank group: step before the KV caches are allocated (AllocKV)")
 	}
+	if gr.aborted.Load() {
+		return errAborted
+	}
+	if err := ctx.Err(); err != nil {
+		return err // before any rank starts: nothing to abort
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	c := gr.newComms(ctx)
+	st := gr.newStep(ctx)
+	defer st.end()    // before cancel: a finished step must not trip the watch
 	in := f32Bytes(h) // read by every rank; rank 0 writes out, copied to h once all are done
 	var out []float32
 	errs := make(chan error, len(gr.ranks))
 	for _, rk := range gr.ranks {
-		rc := c.rankComm(gr.Grid, rk.id, rk.be)
+		rc := st.rankComm(rk)
 		job := func() {
 			res, err := rk.safeStep(b, in, rc)
 			if err != nil {
 				err = fmt.Errorf("rank %d: %w", rk.id, err)
-				c.fate.fail(err)
+				st.fail(err)
 			} else if rk.id == 0 {
 				out = res
 			}
@@ -72,7 +79,7 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 		select {
 		case rk.jobs <- job:
 		case <-ctx.Done():
-			c.fate.fail(ctx.Err())
+			st.fail(ctx.Err())
 			errs <- ctx.Err()
 		}
 	}
@@ -83,13 +90,73 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 		}
 	}
 	if first != nil {
-		if err := c.fate.Err(); err != nil {
+		if err := st.fate.Err(); err != nil {
 			return err // the root cause, not a peer's report of it
 		}
 		return first
 	}
 	copy(h, out)
 	return nil
+}
+
+// step is one Run's shared outcome and collectives: in-process ones made
+// for the step, or the group's communicators under a watch.
+type step struct {
+	gr     *Group
+	fate   *fate
+	inproc *comms // nil with the group's communicators
+	stop   func() bool
+	cancel context.CancelFunc
+}
+
+func (gr *Group) newStep(ctx context.Context) *step {
+	st := &step{gr: gr, fate: newFate(ctx)}
+	if gr.comms == nil {
+		st.inproc = gr.newComms(st.fate)
+		return st
+	}
+	// The communicators' waits happen inside the backends' stream
+	// synchronisation (NCCL kernels spin on the GPU until every peer's
+	// data arrives), out of this package's reach: abort them when the step
+	// fails, its context ends, or it runs past the timeout, which makes the
+	// spinning kernels exit and the blocked ranks return.
+	wctx, cancel := context.WithTimeout(ctx, gr.timeout)
+	st.cancel = cancel
+	st.stop = context.AfterFunc(wctx, func() {
+		err := wctx.Err()
+		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("rank group: step still running after %v: communicators aborted", gr.timeout)
+		}
+		st.fail(err)
+	})
+	return st
+}
+
+// rankComm is rank rk's view of the step's collectives.
+func (st *step) rankComm(rk *rank) *model.RankComm {
+	if st.inproc != nil {
+		return st.inproc.rankComm(st.gr.Grid, rk.id, rk.be)
+	}
+	return st.gr.comms.rankComm(st.gr.Grid, rk.id)
+}
+
+// fail records the step's first error and releases every rank's waits:
+// the in-process hubs watch the fate; the group's communicators are
+// aborted (and the group takes no more steps).
+func (st *step) fail(err error) {
+	st.fate.fail(err)
+	if st.inproc == nil {
+		st.gr.aborted.Store(true)
+		st.gr.comms.abort()
+	}
+}
+
+// end stops the step's watch.
+func (st *step) end() {
+	if st.stop != nil {
+		st.stop()
+		st.cancel()
+	}
 }
 
 // safeStep is step with a panic turned into the rank's error: a rank that
