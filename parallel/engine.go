@@ -37,6 +37,7 @@ type Engine struct {
 	remote   RemoteLayers
 	remoteIn []StepInput
 	warming  bool // NewEngine's profile and warm-up steps are running
+	ranksKV  bool // the rank group's KV caches exist (ranks.go: runRanks)
 
 	// ranks, when set, runs the decoder layers on several ranks (ranks.go);
 	// stepBatch is the current step's batch it needs, kvDType the cache's.
@@ -163,6 +164,7 @@ func newEngine(be kernels.Backend, w *model.Weights, ranks RankGroup, opt Engine
 			e.Close()
 			return nil, fmt.Errorf("engine: ranks' KV cache (%d blocks): %w", blocks, err)
 		}
+		e.ranksKV = true
 	}
 	e.maxModelLen = plan.MaxModelLen
 	if e.ws != nil {

@@ -119,6 +119,12 @@ func (e *Engine) runRanks(h *kernels.Tensor) error {
 	if e.ranks == nil {
 		return nil
 	}
+	if !e.ranksKV {
+		// The memory profile runs before the ranks' KV caches are sized from
+		// it: it measures this backend's own scratch (embedding, lm_head,
+		// sampling); the ranks' layers run on their own backends.
+		return nil
+	}
 	if e.stepBatch == nil || e.stepBatch.Tokens() != h.Rows() {
 		return fmt.Errorf("engine: rank group step without its batch (engine bug)")
 	}
