@@ -246,7 +246,6 @@ func (c *emuCluster) start(i int) {
 	c.startDaemon(i, exec.Command("ip", args...))
 }
 
-
 func (c *emuCluster) stopAll() {
 	for i := range c.n {
 		c.kill(i)
