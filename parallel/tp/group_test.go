@@ -83,26 +83,10 @@ func oneRank(t *testing.T, dir string, cfg *model.Config, ins [][]float32) [][]f
 	return runGroup(t, dir, g, ins)
 }
 
-// runGroup runs the steps on a group of grid g.
+// runGroup runs the steps on a group of grid g with in-process collectives.
 func runGroup(t *testing.T, dir string, g *Grid, ins [][]float32) [][]float32 {
 	t.Helper()
-	gr, err := New(context.Background(), g, Options{NewBackend: cpuBackend, Load: loader(dir)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gr.Close()
-	if err := gr.AllocKV(kernels.F32, 1, 16); err != nil {
-		t.Fatal(err)
-	}
-	var outs [][]float32
-	for i, b := range steps() {
-		h := append([]float32(nil), ins[i]...)
-		if err := gr.Run(context.Background(), b, h); err != nil {
-			t.Fatal(err)
-		}
-		outs = append(outs, h)
-	}
-	return outs
+	return runSteps(t, g, Options{NewBackend: cpuBackend, Load: loader(dir)}, ins)
 }
 
 func maxDiff(a, b [][]float32) float64 {
