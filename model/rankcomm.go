@@ -76,14 +76,14 @@ func (f *Forward) maskReplicas(layer int, ids, wts *kernels.Tensor) error {
 	if err != nil {
 		return err
 	}
+	if len(wv) != len(iv) {
+		return fmt.Errorf("%d routing weights for %d expert ids", len(wv), len(iv))
+	}
 	k := ids.Cols()
 	for i, e := range iv {
 		if !f.Ranks.Replicas.Serves(layer, i/k, int(e)) {
 			wv[i] = 0
 		}
-	}
-	if len(wv) != len(iv) {
-		return fmt.Errorf("%d routing weights for %d expert ids", len(wv), len(iv))
 	}
 	return f.BE.Upload(wts, f32Bytes(wv))
 }
