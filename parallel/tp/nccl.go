@@ -148,7 +148,12 @@ func (s *ncclSet) initComm(ctx context.Context, members []int) ([]*nccl.Comm, er
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := nccl.InitRank(ctx, s.devs[r], id, len(members), m)
+			// Blocking communicators: every rank is this process's, and a
+			// step's two all-reduces per layer must not each start an NCCL
+			// thread (a non-blocking group launch: 57 µs on the H200). A
+			// rank whose init fails leaves the others' inits waiting in
+			// NCCL past the deadline (InitRank returns to us at it).
+			c, err := nccl.InitRankWith(ctx, s.devs[r], id, len(members), m, nccl.InitOptions{Blocking: true})
 			if err != nil {
 				errs[m] = fmt.Errorf("rank %d (GPU %d): %w", r, s.devs[r].Ordinal(), err)
 				cancel()

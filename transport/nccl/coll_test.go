@@ -132,7 +132,7 @@ func (f *fakeLib) calls() []fakeCall {
 func TestCollectivesReachNCCL(t *testing.T) {
 	f := buildFake(t, false)
 	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 3, 1, time.Second)
+	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 3, 1, time.Second, InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,7 +219,7 @@ func (f fakeTensors) Stream() uintptr { return f.stream }
 func TestTensorAllReducer(t *testing.T) {
 	f := buildFake(t, false)
 	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second)
+	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func TestTensorAllReducer(t *testing.T) {
 func TestCollectiveLaunchDeadline(t *testing.T) {
 	f := buildFake(t, false)
 	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second)
+	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

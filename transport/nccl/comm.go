@@ -47,11 +47,28 @@ const abortWait = 10 * time.Second
 // communicator and returns ctx's error: a missing peer never blocks the
 // caller past its deadline (see the package doc for NCCL < 2.14).
 func InitRank(ctx context.Context, dev *cuda.Device, id UniqueID, nranks, rank int) (*Comm, error) {
+	return InitRankWith(ctx, dev, id, nranks, rank, InitOptions{})
+}
+
+// InitOptions choose how a communicator is made.
+type InitOptions struct {
+	// Blocking makes a blocking communicator: each group (a send/recv, a
+	// collective) is enqueued on the calling thread, where a non-blocking
+	// one starts an NCCL thread per group (57 µs a launch on the H200: two
+	// per layer of a tensor-parallel step). Its init cannot be abandoned
+	// cleanly: a deadline returns to the caller, but NCCL's init waits on
+	// for the missing rank. Use it where every rank is this process's (a
+	// host's GPUs), not across hosts where a peer may never come.
+	Blocking bool
+}
+
+// InitRankWith is InitRank with options.
+func InitRankWith(ctx context.Context, dev *cuda.Device, id UniqueID, nranks, rank int, opt InitOptions) (*Comm, error) {
 	l, err := loadLib()
 	if err != nil {
 		return nil, err
 	}
-	return initRank(ctx, l, dev, id, nranks, rank, abortWait)
+	return initRank(ctx, l, dev, id, nranks, rank, abortWait, opt)
 }
 
 // initResult is what the init call returned on its goroutine.
@@ -60,13 +77,16 @@ type initResult struct {
 	err error
 }
 
-func initRank(ctx context.Context, l *lib, dev device, id UniqueID, nranks, rank int, wait time.Duration) (*Comm, error) {
+func initRank(ctx context.Context, l *lib, dev device, id UniqueID, nranks, rank int, wait time.Duration, opt InitOptions) (*Comm, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("rank %d of %d: %w", rank, nranks, err)
 	}
 	c := &Comm{l: l, dev: dev, rank: rank, nranks: nranks, abortWait: wait}
 	what := "ncclCommInitRankConfig"
 	cfg := newConfig()
+	if opt.Blocking {
+		cfg.blocking = 1
+	}
 	args := initRankArgs(&c.c, nranks, rank, id, uintptr(unsafe.Pointer(cfg)))
 	fn := l.commInitRankConfig
 	if fn == 0 { // NCCL < 2.14: blocking only

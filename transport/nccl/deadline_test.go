@@ -191,7 +191,7 @@ func TestInitDeadline(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), deadline)
 			defer cancel()
 			t0 := time.Now()
-			c, err := initRank(ctx, f.l, hostDevice{}, UniqueID{}, 2, 0, 300*time.Millisecond)
+			c, err := initRank(ctx, f.l, hostDevice{}, UniqueID{}, 2, 0, 300*time.Millisecond, InitOptions{})
 			el := time.Since(t0)
 			if el > deadline+time.Second {
 				t.Fatalf("InitRank returned after %v (deadline %v)", el, deadline)
@@ -229,7 +229,7 @@ func TestInitDeadline(t *testing.T) {
 func TestWaitAbortsAtDeadline(t *testing.T) {
 	f := buildFake(t, false)
 	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second)
+	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -98,9 +98,43 @@ func TestSelfSendRecv(t *testing.T) {
 		}
 		t.Logf("self send/recv %d bytes: %v (%.2f GB/s)", n, el, float64(n)/el.Seconds()/1e9)
 	}
-	// Warm: what a small group costs to launch (a non-blocking communicator
-	// launches each group on a new NCCL thread) and to finish.
+	warmSelfSendRecv(t, ctx, dev, comm, stream, "non-blocking")
+}
+
+// TestSelfSendRecvBlocking: the same on a blocking communicator (what a
+// host's rank group uses): the group is enqueued on the calling thread, so
+// its launch costs microseconds, not an NCCL thread.
+func TestSelfSendRecvBlocking(t *testing.T) {
+	dev := openGPU(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	id, err := NewUniqueID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	comm, err := InitRankWith(ctx, dev, id, 1, 0, InitOptions{Blocking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer comm.Close()
+	stream, err := dev.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.DestroyStream(stream)
+	warmSelfSendRecv(t, ctx, dev, comm, stream, "blocking")
+}
+
+// warmSelfSendRecv times 50 warm 10 KB self send/recv groups: what a small
+// group costs to launch (a non-blocking communicator launches each group on
+// a new NCCL thread) and to finish, and checks the bytes of the last.
+func warmSelfSendRecv(t *testing.T, ctx context.Context, dev *cuda.Device, comm *Comm, stream uintptr, what string) {
+	t.Helper()
 	src, dst := devBuf(t, dev, 10_000), devBuf(t, dev, 10_000)
+	want := randBytes(10_000)
+	if err := dev.CopyToDevice(src, want); err != nil {
+		t.Fatal(err)
+	}
 	var enq, total []time.Duration
 	for range 50 {
 		t0 := time.Now()
@@ -115,8 +149,15 @@ func TestSelfSendRecv(t *testing.T) {
 	}
 	slices.Sort(enq)
 	slices.Sort(total)
-	t.Logf("warm self send/recv 10000 bytes: median %v to enqueue (group launched), %v in all; best %v, %v",
-		enq[len(enq)/2], total[len(total)/2], enq[0], total[0])
+	got := make([]byte, 10_000)
+	if err := dev.CopyToHost(got, dst); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s: self send/recv altered the data", what)
+	}
+	t.Logf("%s: warm self send/recv 10000 bytes: median %v to enqueue (group launched), %v in all; best %v, %v",
+		what, enq[len(enq)/2], total[len(total)/2], enq[0], total[0])
 }
 
 // TestInitTimesOut: a two-rank communicator whose second rank never comes
