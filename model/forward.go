@@ -75,6 +75,8 @@ func (f *Forward) Layer(lw *LayerWeights, h *kernels.Tensor, cache *kernels.KVCa
 	if lw.Kind == LayerDense {
 		m = f.mlp(xn, lw.Gate, lw.Up, lw.Down)
 		f.allReduce(f.Ranks.tp(), m, "mlp")
+	} else if f.Ranks != nil && f.Ranks.AllToAll != nil {
+		m = f.moeAllToAll(lw, xn) // whole on every rank: no sum follows
 	} else {
 		m = f.moe(lw, xn)
 		f.allReduce(f.Ranks.moe(), m, "moe") // routed and shared partials in one sum

@@ -24,6 +24,25 @@ type RankComm struct {
 	// Replicas, when set, says which replica of an expert held by several
 	// ranks (EPLB) serves each token.
 	Replicas ReplicaMask
+	// AllToAll, when set, dispatches the MoE layers by all-to-all-v over
+	// MoE (which must be a kernels.Exchanger; dispatch.go) instead of the
+	// one all-reduce of partials: each rank routes its slice of the tokens
+	// and sends each route to the ranks AllToAll names. SharedExpert and
+	// Replicas are then unused. nil: the all-reduce.
+	AllToAll ExpertServers
+}
+
+// ExpertServers says which ranks (members of RankComm.MoE) compute what
+// under all-to-all dispatch.
+type ExpertServers interface {
+	// Routed is the ranks [first, first+n) computing token's route to
+	// routed expert e of layer: the EP group of the replica serving it
+	// (token mod replicas, as ReplicaMask), each rank holding a slice of
+	// the expert (n = 1 with whole experts).
+	Routed(layer, token, expert int) (first, n int)
+	// Shared is the ranks [first, first+n) whose shared-expert slices sum
+	// to the whole shared expert for this rank's tokens: its TP group.
+	Shared() (first, n int)
 }
 
 // ReplicaMask chooses, for experts replicated over ranks, the one rank that

@@ -45,6 +45,9 @@ type RankOptions struct {
 	// Collectives makes the ranks' communicators (tp.NCCL on GPUs: see
 	// TensorParallelCUDA); nil: in-process collectives through the host.
 	Collectives tp.Collectives
+	// Dispatch is the MoE layers' expert dispatch: "allreduce" (default,
+	// "") or "alltoall" (CPU ranks with EP ≥ 2; tp.DispatchAllToAll).
+	Dispatch string
 }
 
 // TensorParallel is vLLM's --tensor-parallel-size n: n ranks, every routed
@@ -73,7 +76,7 @@ func openGroup(ctx context.Context, src ModelSource, cfg *model.Config, first, e
 	load := func(ctx context.Context, sel model.Selection, be kernels.Backend) (*model.Weights, func(), error) {
 		return loadSelection(ctx, src, cfg, sel, be, progress)
 	}
-	return tp.New(ctx, g, tp.Options{NewBackend: o.NewBackend, Load: load, Timeout: o.Timeout, Collectives: o.Collectives})
+	return tp.New(ctx, g, tp.Options{NewBackend: o.NewBackend, Load: load, Timeout: o.Timeout, Collectives: o.Collectives, Dispatch: o.Dispatch})
 }
 
 // openRanked makes the engine of a pipeline's head (or the whole model,

@@ -14,6 +14,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/parallel"
+	"github.com/glmtopo/glmtopo/parallel/tp"
 )
 
 // backendFlags are the flags of the commands that run the model.
@@ -22,6 +23,7 @@ type backendFlags struct {
 	fastGemm *bool
 	tp       *int
 	ep       *bool
+	dispatch *string
 }
 
 func addBackendFlags(fs *flag.FlagSet) backendFlags {
@@ -32,12 +34,18 @@ func addBackendFlags(fs *flag.FlagSet) backendFlags {
 		tp: fs.Int("tensor-parallel-size", 1, "run the decoder layers on N ranks (as vLLM's): attention, dense MLP and shared expert split N ways, "+
 			"routed experts too unless --enable-expert-parallel; cpu: N ranks in this process; cuda: rank r on GPU r, NCCL all-reduces"),
 		ep: fs.Bool("enable-expert-parallel", false, "with --tensor-parallel-size N: whole routed experts in contiguous blocks on the N ranks instead of each split N ways (as vLLM's)"),
+		dispatch: fs.String("expert-dispatch", tp.DispatchAllReduce, "with --enable-expert-parallel: how tokens reach the experts' ranks: "+
+			"allreduce (every rank runs its experts on all tokens, one all-reduce sums) or alltoall (each rank routes its slice of the tokens, "+
+			"all-to-all-v to the experts' ranks and back, then an all-gather; --device cpu only)"),
 	}
 }
 
 // ranks is the rank layout --tensor-parallel-size and --enable-expert-parallel ask for.
 func (f backendFlags) ranks() (parallel.RankOptions, error) {
 	n := *f.tp
+	if err := f.checkDispatch(); err != nil {
+		return parallel.RankOptions{}, err
+	}
 	switch {
 	case n < 1:
 		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d: want at least 1", n)
@@ -49,7 +57,26 @@ func (f backendFlags) ranks() (parallel.RankOptions, error) {
 		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d on --device %s: the ranks take GPUs 0..%d (pick them with CUDA_VISIBLE_DEVICES and --device cuda); --device cpu runs %d ranks in this process", n, *f.device, n-1, n)
 	}
 	workers := max(1, runtime.GOMAXPROCS(0)/n) // the ranks run at once: share the cores
-	return parallel.TensorParallel(n, *f.ep, func(int) (kernels.Backend, error) { return cpu.New(workers), nil }), nil
+	o := parallel.TensorParallel(n, *f.ep, func(int) (kernels.Backend, error) { return cpu.New(workers), nil })
+	o.Dispatch = *f.dispatch
+	return o, nil
+}
+
+// checkDispatch refuses --expert-dispatch values, and alltoall where it
+// cannot run: without expert parallelism, or on GPU ranks (NCCL runs the
+// all-reduce dispatch only, inside decode's CUDA graphs).
+func (f backendFlags) checkDispatch() error {
+	switch d := *f.dispatch; {
+	case d == tp.DispatchAllReduce:
+		return nil
+	case d != tp.DispatchAllToAll:
+		return fmt.Errorf("--expert-dispatch %q: want %s or %s", d, tp.DispatchAllReduce, tp.DispatchAllToAll)
+	case !*f.ep || *f.tp < 2:
+		return fmt.Errorf("--expert-dispatch %s needs --enable-expert-parallel with --tensor-parallel-size of 2 or more", d)
+	case *f.device != "cpu":
+		return fmt.Errorf("--expert-dispatch %s runs on --device cpu ranks only; GPU ranks use %s", d, tp.DispatchAllReduce)
+	}
+	return nil
 }
 
 // open opens "cpu" or "cuda[:N]" and says which KV cache dtype it takes.

@@ -27,6 +27,7 @@ func TestGenerateTensorParallel(t *testing.T) {
 	for _, flags := range [][]string{
 		{"--tensor-parallel-size", "2"},
 		{"--tensor-parallel-size", "4", "--enable-expert-parallel"},
+		{"--tensor-parallel-size", "4", "--enable-expert-parallel", "--expert-dispatch", "alltoall"},
 	} {
 		got, stderr, code := gen(flags...)
 		if code != 0 || got != want {
@@ -41,6 +42,10 @@ func TestGenerateTensorParallel(t *testing.T) {
 		{[]string{"--tensor-parallel-size", "2", "--device", "cuda:1"}, "GPUs 0..1"},
 		{[]string{"--tensor-parallel-size", "0"}, "at least 1"},
 		{[]string{"--tensor-parallel-size", "3"}, "attention heads"},
+		{[]string{"--tensor-parallel-size", "2", "--expert-dispatch", "alltoall"}, "needs --enable-expert-parallel"},
+		{[]string{"--expert-dispatch", "alltoall", "--enable-expert-parallel"}, "needs --enable-expert-parallel with --tensor-parallel-size"},
+		{[]string{"--tensor-parallel-size", "2", "--enable-expert-parallel", "--expert-dispatch", "alltoall", "--device", "cuda"}, "--device cpu ranks only"},
+		{[]string{"--expert-dispatch", "scatter"}, `--expert-dispatch "scatter"`},
 	} {
 		_, stderr, code := gen(tc.flags...)
 		if code == 0 || !strings.Contains(stderr, tc.want) {

@@ -37,11 +37,13 @@ func (f *fate) Err() error {
 	}
 }
 
-// hub is an in-process all-reduce among size members. Each call is one
-// round: members deposit their parts, the last to arrive adds them in
+// hub is an in-process collective among size members. Each call is one
+// round: members deposit their parts, the last to arrive combines them in
 // member order (so every member gets the same bits, whatever the arrival
-// order), and every member waits for that sum — for at most timeout, and
-// no longer than the step's fate allows.
+// order), and every member waits for that result — for at most timeout,
+// and no longer than the step's fate allows. The all-reduce and the
+// exchanges (exchange.go) share the rounds, so a member calling another
+// operation than its peers fails the round instead of mixing parts.
 type hub struct {
 	size    int
 	timeout time.Duration
@@ -54,9 +56,10 @@ type hub struct {
 
 type round struct {
 	seq     int
-	parts   [][]float32
+	ops     []string
+	parts   []any
 	arrived int
-	sum     []float32
+	out     any
 	err     error
 	done    chan struct{}
 }
@@ -69,12 +72,22 @@ func newHub(members []int, timeout time.Duration, f *fate) *hub {
 
 func (h *hub) newRound() *round {
 	h.seq++
-	return &round{seq: h.seq, parts: make([][]float32, h.size), done: make(chan struct{})}
+	return &round{seq: h.seq, ops: make([]string, h.size), parts: make([]any, h.size), done: make(chan struct{})}
 }
 
 // allReduce deposits member m's part x (which it gives up) and returns the
 // sum, shared read-only by every member.
 func (h *hub) allReduce(m int, x []float32) ([]float32, error) {
+	out, err := h.meet(m, "all-reduce", x, h.add)
+	if err != nil {
+		return nil, err
+	}
+	return out.([]float32), nil
+}
+
+// meet deposits member m's part of operation op and waits for the round's
+// result: combine, run by the last member to arrive, over every part.
+func (h *hub) meet(m int, op string, part any, combine func(seq int, parts []any) (any, error)) (any, error) {
 	if err := h.fate.Err(); err != nil {
 		return nil, err
 	}
@@ -82,12 +95,14 @@ func (h *hub) allReduce(m int, x []float32) ([]float32, error) {
 	r := h.cur
 	if r.parts[m] != nil {
 		h.mu.Unlock()
-		return nil, fmt.Errorf("all-reduce %d: rank %d joined twice", r.seq, h.names[m])
+		return nil, fmt.Errorf("%s %d: rank %d joined twice", op, r.seq, h.names[m])
 	}
-	r.parts[m] = x
+	r.parts[m], r.ops[m] = part, op
 	r.arrived++
 	if r.arrived == h.size {
-		r.sum, r.err = h.add(r)
+		if r.err = h.sameOp(r); r.err == nil {
+			r.out, r.err = combine(r.seq, r.parts)
+		}
 		close(r.done)
 		h.cur = h.newRound()
 	}
@@ -99,32 +114,43 @@ func (h *hub) allReduce(m int, x []float32) ([]float32, error) {
 		if r.err != nil {
 			h.fate.fail(r.err)
 		}
-		return r.sum, r.err
+		return r.out, r.err
 	case <-h.fate.done:
 		return nil, h.fate.err
 	case <-h.fate.ctx.Done():
-		err := fmt.Errorf("all-reduce %d: rank %d: %w", r.seq, h.names[m], h.fate.ctx.Err())
+		err := fmt.Errorf("%s %d: rank %d: %w", op, r.seq, h.names[m], h.fate.ctx.Err())
 		h.fate.fail(err)
 		return nil, err
 	case <-timer.C:
-		err := fmt.Errorf("all-reduce %d: rank %d waited %v for ranks %v", r.seq, h.names[m], h.timeout, h.missing(r))
+		err := fmt.Errorf("%s %d: rank %d waited %v for ranks %v", op, r.seq, h.names[m], h.timeout, h.missing(r))
 		h.fate.fail(err)
 		return nil, err
 	}
 }
 
-// add sums the round's parts in member order, checking they agree in size
-// (NCCL would hang on a mismatch; here it is an error naming the ranks).
-func (h *hub) add(r *round) ([]float32, error) {
-	n := len(r.parts[0])
-	for m, p := range r.parts {
-		if len(p) != n {
-			return nil, fmt.Errorf("all-reduce %d: rank %d gave %d values, rank %d gave %d", r.seq, h.names[0], n, h.names[m], len(p))
+// sameOp refuses a round whose members called different operations (a
+// rank out of step with its peers).
+func (h *hub) sameOp(r *round) error {
+	for m, op := range r.ops {
+		if op != r.ops[0] {
+			return fmt.Errorf("round %d: rank %d called %s, rank %d called %s", r.seq, h.names[0], r.ops[0], h.names[m], op)
 		}
 	}
-	sum := append([]float32(nil), r.parts[0]...)
-	for _, p := range r.parts[1:] {
-		for i, v := range p {
+	return nil
+}
+
+// add sums the round's parts in member order, checking they agree in size
+// (NCCL would hang on a mismatch; here it is an error naming the ranks).
+func (h *hub) add(seq int, parts []any) (any, error) {
+	p0 := parts[0].([]float32)
+	for m, p := range parts {
+		if n := len(p.([]float32)); n != len(p0) {
+			return nil, fmt.Errorf("all-reduce %d: rank %d gave %d values, rank %d gave %d", seq, h.names[0], len(p0), h.names[m], n)
+		}
+	}
+	sum := append([]float32(nil), p0...)
+	for _, p := range parts[1:] {
+		for i, v := range p.([]float32) {
 			sum[i] += v
 		}
 	}

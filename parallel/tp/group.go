@@ -32,6 +32,9 @@ type Options struct {
 	// nil sums through the host with in-process collectives made per step,
 	// the CPU reference, which works on any backend.
 	Collectives Collectives
+	// Dispatch is the MoE layers' expert dispatch: DispatchAllReduce
+	// (default, "") or DispatchAllToAll (dispatch.go).
+	Dispatch string
 }
 
 // Group runs decoder layers [Grid.First, Grid.End) on Grid.Ranks ranks in
@@ -44,6 +47,7 @@ type Group struct {
 	timeout time.Duration
 	hidden  int
 	comms   *Comms      // from Options.Collectives; nil: in-process per step
+	a2a     bool        // DispatchAllToAll
 	aborted atomic.Bool // comms were aborted: no more steps
 }
 
@@ -64,7 +68,10 @@ func New(ctx context.Context, g *Grid, opt Options) (*Group, error) {
 	if opt.Timeout <= 0 {
 		opt.Timeout = 30 * time.Second
 	}
-	gr := &Group{Grid: g, timeout: opt.Timeout, hidden: g.Cfg.HiddenSize}
+	if err := checkDispatch(g, opt); err != nil {
+		return nil, err
+	}
+	gr := &Group{Grid: g, timeout: opt.Timeout, hidden: g.Cfg.HiddenSize, a2a: opt.Dispatch == DispatchAllToAll}
 	for r := 0; r < g.Ranks; r++ {
 		rk, err := openRank(ctx, g, r, opt)
 		if err != nil {

@@ -134,10 +134,14 @@ func (gr *Group) newStep(ctx context.Context) *step {
 
 // rankComm is rank rk's view of the step's collectives.
 func (st *step) rankComm(rk *rank) *model.RankComm {
-	if st.inproc != nil {
-		return st.inproc.rankComm(st.gr.Grid, rk.id, rk.be)
+	if st.inproc == nil {
+		return st.gr.comms.rankComm(st.gr.Grid, rk.id)
 	}
-	return st.gr.comms.rankComm(st.gr.Grid, rk.id)
+	rc := st.inproc.rankComm(st.gr.Grid, rk.id, rk.be)
+	if st.gr.a2a {
+		rc.AllToAll = servers{st.gr.Grid, rk.id}
+	}
+	return rc
 }
 
 // fail records the step's first error and releases every rank's waits:

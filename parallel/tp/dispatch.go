@@ -1,0 +1,63 @@
+package tp
+
+import (
+	"fmt"
+
+	"github.com/glmtopo/glmtopo/model"
+)
+
+// The MoE dispatches a Group can run (Options.Dispatch).
+const (
+	// DispatchAllReduce: every rank runs its experts on the tokens routed
+	// to them and one all-reduce sums the partials (vLLM's default; the
+	// only one NCCL ranks run, inside decode's CUDA graphs).
+	DispatchAllReduce = "allreduce"
+	// DispatchAllToAll: each rank routes its slice of the tokens and
+	// exchanges rows with the experts' ranks by all-to-all-v, then an
+	// all-gather (model's dispatch.go); the in-process collectives only.
+	DispatchAllToAll = "alltoall"
+)
+
+// checkDispatch refuses a dispatch the grid or the collectives cannot run.
+func checkDispatch(g *Grid, opt Options) error {
+	switch opt.Dispatch {
+	case "", DispatchAllReduce:
+		return nil
+	case DispatchAllToAll:
+	default:
+		return fmt.Errorf("rank group: expert dispatch %q: want %q or %q", opt.Dispatch, DispatchAllReduce, DispatchAllToAll)
+	}
+	if g.EP < 2 {
+		return fmt.Errorf("rank group %s: the %s expert dispatch needs expert parallelism (EP ≥ 2)", g, DispatchAllToAll)
+	}
+	if opt.Collectives != nil {
+		// NCCL's all-to-all-v needs the counts on the host to size its
+		// receives: a synchronisation per MoE layer that CUDA graphs
+		// cannot hold. Not wired yet; the all-reduce runs there.
+		return fmt.Errorf("rank group %s: the %s expert dispatch runs on the in-process collectives (CPU ranks) only; GPU ranks use %s", g, DispatchAllToAll, DispatchAllReduce)
+	}
+	return nil
+}
+
+// servers is rank r's model.ExpertServers over the grid.
+type servers struct {
+	g *Grid
+	r int
+}
+
+var _ model.ExpertServers = servers{}
+
+// Routed is the EP group of the replica serving (token, e) — replica
+// token mod replicas in placement order, as replicaMask chooses — whose
+// ExpertTP ranks each hold a slice of e.
+func (s servers) Routed(l, token, e int) (first, n int) {
+	h := s.g.holders[l]
+	if e < 0 || e >= len(h) || len(h[e]) == 0 {
+		return 0, 0 // NewGrid places every expert; Route gives ids in range
+	}
+	n = s.g.ExpertTP()
+	return h[e][token%len(h[e])] * n, n
+}
+
+// Shared is r's TP group: its ranks hold the shared expert's TP slices.
+func (s servers) Shared() (first, n int) { return s.g.Replica(s.r) * s.g.TP, s.g.TP }
