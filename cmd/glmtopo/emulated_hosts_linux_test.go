@@ -5,13 +5,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -19,9 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/glmtopo/glmtopo/node"
+	"github.com/glmtopo/glmtopo/transport/netnstest"
 )
 
 // execMainEnv makes the test binary run main() instead of the tests: the
@@ -86,7 +82,10 @@ func emuHosts(t *testing.T, n int) {
 			t.Fatalf("no tc netem here and %s delay failed: %v\n%s", emuNetnsScript, err, bytes.TrimSpace(out))
 		}
 	}
-	rtt := emuRTT(t, 21)
+	rtt, err := netnstest.TCPRoundTrip(emuNS+"0", emuAddr(0), emuNS+"1", 21)
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Logf("%d emulated hosts on %s, 1 ms delay each way by %s: median TCP ping-pong h0↔h1 %v", n, emuBridge, how, rtt)
 	if rtt < 2*time.Millisecond {
 		t.Fatalf("median TCP ping-pong RTT between the namespaces %v, want ≥ 2 ms under 1 ms delay each way", rtt)
@@ -95,72 +94,6 @@ func emuHosts(t *testing.T, n int) {
 
 // emuNetnsScript provides the delay line where netem is missing.
 const emuNetnsScript = "../../scripts/netns.sh"
-
-// emuInNetns runs fn on an OS thread moved into network namespace ns, so
-// that the sockets fn opens live there; the thread is retired afterwards.
-func emuInNetns(ns string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // no Unlock: the thread ends with the goroutine
-		f, err := os.Open("/run/netns/" + ns)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
-
-// emuRTT is the median of n one-byte TCP round trips from namespace 1 to an
-// echo server in namespace 0.
-func emuRTT(t *testing.T, n int) time.Duration {
-	t.Helper()
-	var ln net.Listener
-	if err := emuInNetns(emuNS+"0", func() (err error) {
-		ln, err = net.Listen("tcp", emuAddr(0)+":0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-	}()
-	var c net.Conn
-	if err := emuInNetns(emuNS+"1", func() (err error) {
-		c, err = net.DialTimeout("tcp", ln.Addr().String(), 10*time.Second)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	rtts := make([]time.Duration, n)
-	b := []byte{0}
-	for i := range rtts {
-		start := time.Now()
-		if _, err := c.Write(b); err != nil {
-			t.Fatalf("ping-pong %d: %v", i, err)
-		}
-		if _, err := io.ReadFull(c, b); err != nil {
-			t.Fatalf("ping-pong %d: %v", i, err)
-		}
-		rtts[i] = time.Since(start)
-	}
-	slices.Sort(rtts)
-	return rtts[n/2]
-}
 
 func emuDown(n int) {
 	for i := range n + 2 { // a few more: a crashed earlier run may have used more

@@ -3,90 +3,16 @@ package tcp
 import (
 	"bytes"
 	"context"
-	"fmt"
-	"io"
 	"math"
 	"net"
-	"os"
 	"os/exec"
-	"runtime"
-	"slices"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/glmtopo/glmtopo/transport"
+	"github.com/glmtopo/glmtopo/transport/netnstest"
 	"github.com/glmtopo/glmtopo/transport/telemetry"
 )
-
-// inNetns runs fn on a fresh OS thread moved into network namespace ns:
-// sockets fn creates belong to ns. The thread is never handed back to the
-// scheduler (the goroutine exits locked, so the runtime retires it).
-func inNetns(ns string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // no Unlock: this thread ends with the goroutine
-		f, err := os.Open("/var/run/netns/" + ns)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
-
-// netnsRTT is the median of n one-byte TCP round trips from glmtopo-ns1 to
-// an echo server in glmtopo-ns0 (a lost segment's retransmission only moves
-// the tail, not the median).
-func netnsRTT(t *testing.T, n int) time.Duration {
-	t.Helper()
-	var ln net.Listener
-	if err := inNetns("glmtopo-ns0", func() (err error) {
-		ln, err = net.Listen("tcp", "10.77.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-	}()
-	var c net.Conn
-	if err := inNetns("glmtopo-ns1", func() (err error) {
-		c, err = net.DialTimeout("tcp", ln.Addr().String(), 10*time.Second)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	rtts := make([]time.Duration, n)
-	b := []byte{0}
-	for i := range rtts {
-		start := time.Now()
-		if _, err := c.Write(b); err != nil {
-			t.Fatalf("ping-pong %d: %v", i, err)
-		}
-		if _, err := io.ReadFull(c, b); err != nil {
-			t.Fatalf("ping-pong %d: %v", i, err)
-		}
-		rtts[i] = time.Since(start)
-	}
-	slices.Sort(rtts)
-	return rtts[n/2]
-}
 
 // TestNetnsLoss: two emulated hosts (scripts/netns.sh: namespaces on a
 // bridge, 1 ms delay and 1% of packets dropped each way; the delay's RTT is
@@ -110,17 +36,20 @@ func TestNetnsLoss(t *testing.T) {
 	t.Cleanup(func() { exec.Command(script, "down").Run() })
 	// The delay is really there (netem, or the NFQUEUE delay line where the
 	// kernel has no netem): each way crosses one delayed veth.
-	if rtt := netnsRTT(t, 21); rtt < 2*time.Millisecond {
-		t.Fatalf("median TCP ping-pong RTT between the namespaces %v, want ≥ 2 ms under 1 ms delay each way", rtt)
-	} else {
-		t.Logf("median TCP ping-pong RTT between the namespaces: %v", rtt)
+	rtt, err := netnstest.TCPRoundTrip("glmtopo-ns0", "10.77.0.1", "glmtopo-ns1", 21)
+	if err != nil {
+		t.Fatal(err)
 	}
+	if rtt < 2*time.Millisecond {
+		t.Fatalf("median TCP ping-pong RTT between the namespaces %v, want ≥ 2 ms under 1 ms delay each way", rtt)
+	}
+	t.Logf("median TCP ping-pong RTT between the namespaces: %v", rtt)
 	if err := telemetry.BPFAvailable(); err != nil {
 		t.Logf("no eBPF here (%v): checking delivery only", err)
 	}
 	key := testKey(t)
 	var ln net.Listener
-	if err := inNetns("glmtopo-ns0", func() (err error) {
+	if err := netnstest.Do("glmtopo-ns0", func() (err error) {
 		ln, err = net.Listen("tcp", "10.77.0.1:0")
 		return err
 	}); err != nil {
@@ -136,7 +65,7 @@ func TestNetnsLoss(t *testing.T) {
 	dcfg := cfg("host1", key)
 	dcfg.WireCounters = true
 	dcfg.Dial = func(ctx context.Context, network, addr string) (c net.Conn, err error) {
-		err = inNetns("glmtopo-ns1", func() error {
+		err = netnstest.Do("glmtopo-ns1", func() error {
 			var d net.Dialer
 			c, err = d.DialContext(ctx, network, addr)
 			return err

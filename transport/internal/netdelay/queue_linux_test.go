@@ -8,35 +8,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/glmtopo/glmtopo/transport/netnstest"
 )
-
-// inNetns runs fn on an OS thread moved into network namespace ns; the
-// thread is retired afterwards (it ends locked).
-func inNetns(ns string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		f, err := os.Open("/run/netns/" + ns)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
 
 // TestRunDelaysLoopback: in a fresh network namespace an iptables-legacy
 // rule queues UDP leaving lo; with Run delaying it by 1 ms, a UDP ping-pong
@@ -78,7 +56,7 @@ func TestRunDelaysLoopback(t *testing.T) {
 	done := make(chan result, 1)
 	go func() {
 		var r result
-		err := inNetns(ns, func() error {
+		err := netnstest.Do(ns, func() error {
 			r.st, r.err = Run(runCtx, Config{Queue: 5, Delay: delay, MaxLen: 64, Ready: func() { close(ready) }})
 			return nil
 		})
@@ -124,7 +102,7 @@ func TestRunDelaysLoopback(t *testing.T) {
 func udpPingPong(t *testing.T, ns string, n int) []time.Duration {
 	t.Helper()
 	var srv, cli *net.UDPConn
-	if err := inNetns(ns, func() (err error) {
+	if err := netnstest.Do(ns, func() (err error) {
 		if srv, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
 			return err
 		}
