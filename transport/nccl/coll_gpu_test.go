@@ -326,15 +326,7 @@ func TestCollectivesOneRank(t *testing.T) {
 	dev := openGPU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	id, err := NewUniqueID()
-	if err != nil {
-		t.Fatal(err)
-	}
-	comm, err := InitRank(ctx, dev, id, 1, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer comm.Close()
+	comm := oneRankComm(t, ctx, dev, InitOptions{})
 	if err := runChecks(ctx, dev, comm, t.Logf); err != nil {
 		t.Fatal(err)
 	}
@@ -429,15 +421,7 @@ func TestCollectiveInGraph(t *testing.T) {
 	defer b.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	id, err := NewUniqueID()
-	if err != nil {
-		t.Fatal(err)
-	}
-	comm, err := InitRank(ctx, dev, id, 1, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer comm.Close()
+	comm := oneRankComm(t, ctx, dev, InitOptions{})
 	const n = 4 * 5120
 	x, err := b.NewTensor(kernels.F32, n)
 	if err != nil {

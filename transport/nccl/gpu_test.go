@@ -61,15 +61,7 @@ func TestSelfSendRecv(t *testing.T) {
 	t.Logf("NCCL %d", v)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	id, err := NewUniqueID()
-	if err != nil {
-		t.Fatal(err)
-	}
-	comm, err := InitRank(ctx, dev, id, 1, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer comm.Close()
+	comm := oneRankComm(t, ctx, dev, InitOptions{})
 	stream, err := dev.NewStream()
 	if err != nil {
 		t.Fatal(err)
@@ -101,6 +93,21 @@ func TestSelfSendRecv(t *testing.T) {
 	warmSelfSendRecv(t, ctx, dev, comm, stream, "non-blocking")
 }
 
+// oneRankComm makes a one-rank communicator on dev, closed with the test.
+func oneRankComm(t *testing.T, ctx context.Context, dev *cuda.Device, opt InitOptions) *Comm {
+	t.Helper()
+	id, err := NewUniqueID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	comm, err := InitRankWith(ctx, dev, id, 1, 0, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { comm.Close() })
+	return comm
+}
+
 // TestSelfSendRecvBlocking: the same on a blocking communicator (what a
 // host's rank group uses): the group is enqueued on the calling thread, so
 // its launch costs microseconds, not an NCCL thread.
@@ -108,15 +115,7 @@ func TestSelfSendRecvBlocking(t *testing.T) {
 	dev := openGPU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	id, err := NewUniqueID()
-	if err != nil {
-		t.Fatal(err)
-	}
-	comm, err := InitRankWith(ctx, dev, id, 1, 0, InitOptions{Blocking: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer comm.Close()
+	comm := oneRankComm(t, ctx, dev, InitOptions{Blocking: true})
 	stream, err := dev.NewStream()
 	if err != nil {
 		t.Fatal(err)
