@@ -17,3 +17,15 @@ type Collective interface {
 	// residual streams stay identical and their routers agree.
 	AllReduceSum(t *Tensor) error
 }
+
+// Broadcaster is an optional extension of a Collective: it copies a tensor
+// from one rank to every other, in place. A rank group whose first rank
+// shares the engine's backend broadcasts the residual stream with it at
+// the start of a step, so the rows never pass through the host; on NCCL it
+// is ncclBroadcast on the rank's stream (it sits in a captured decode graph
+// like the all-reduces).
+type Broadcaster interface {
+	// Broadcast replaces t (of the same shape and dtype on every rank) with
+	// root's t.
+	Broadcast(t *Tensor, root int) error
+}

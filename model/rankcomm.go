@@ -79,12 +79,35 @@ func (f *Forward) allReduce(c kernels.Collective, x *kernels.Tensor, what string
 	f.do(what+" all-reduce", c.AllReduceSum(x))
 }
 
+// DeviceReplicaMask is an optional extension of ReplicaMask: the rank's
+// replica table of a layer where the rank's backend keeps it (uploaded once,
+// kernels.ReplicaMasker's [E, 2] layout), so that the mask runs on the
+// device with no host round trip and decode graphs can capture it.
+type DeviceReplicaMask interface {
+	ReplicaMask
+	// Table is layer's table on the rank's backend; nil when the layer
+	// needs no mask or has no device table (the host path masks then).
+	Table(layer int) *kernels.Tensor
+}
+
 // maskReplicas zeroes the routing weights of the routes this rank holds an
-// expert for but does not serve: another replica of that expert does.
-// (The CPU reference masks on the host; a GPU would upload the rank's
-// replica table once and mask in the router's kernel.)
+// expert for but does not serve: another replica of that expert does. With
+// a device table and a backend that is a kernels.ReplicaMasker it is one
+// kernel; otherwise it masks on the host (the CPU reference's path, and any
+// backend without the op): a synchronisation and three copies per MoE layer
+// and step, which a CUDA graph cannot capture.
 func (f *Forward) maskReplicas(layer int, ids, wts *kernels.Tensor) error {
-	if f.Ranks == nil || f.Ranks.Replicas == nil || !f.Ranks.Replicas.Replicated(layer) {
+	if f.Ranks == nil || f.Ranks.Replicas == nil {
+		return nil
+	}
+	if dm, ok := f.Ranks.Replicas.(DeviceReplicaMask); ok {
+		if rm, ok := f.BE.(kernels.ReplicaMasker); ok {
+			if tab := dm.Table(layer); tab != nil {
+				return rm.MaskReplicas(wts, ids, tab)
+			}
+		}
+	}
+	if !f.Ranks.Replicas.Replicated(layer) {
 		return nil
 	}
 	iv, err := f.BE.DownloadI32(ids)

@@ -137,7 +137,7 @@ func newEngine(be kernels.Backend, w *model.Weights, ranks RankGroup, opt Engine
 		layers++
 	}
 	gb, graphs := be.(graphBackend)
-	graphs = graphs && !opt.EnforceEager && ranks == nil // a graph cannot hold the ranks' steps
+	graphs = graphs && !opt.EnforceEager && ranksCapture(ranks) // a graph holds the ranks' layers only with rank 0 on be (ranks_device.go)
 	e := &Engine{Cfg: c, BE: be, W: w, maxModelLen: opt.MaxModelLen, ranks: ranks, kvDType: opt.KVDType, comm: comm}
 	planLayers := layers
 	if ranks != nil {
@@ -326,6 +326,9 @@ func (e *Engine) Step(inputs []StepInput, allRows bool) (*StepResult, error) {
 	if e.graphs != nil && e.graphs.failed {
 		e.graphs.close() // the last step's result came from the warm-up; it is past its life now
 		e.graphs = nil
+		if dr, ok := e.ranks.(*deviceRanks); ok {
+			dr.closeGraphs() // the peers' graphs go with the engine's
+		}
 	}
 	if err := e.checkLayers(inputs); err != nil { // stage_head.go
 		return nil, err

@@ -116,3 +116,13 @@ func (b arenaBackend) LinearMulti(outs []*kernels.Tensor, x *kernels.Tensor, ws,
 	}
 	return false, nil
 }
+
+// MaskReplicas passes the EPLB replica mask through (kernels.ReplicaMasker),
+// as MoEWithShared: hidden, a graph step would mask on the host and fail
+// its capture.
+func (b arenaBackend) MaskReplicas(w, ids, table *kernels.Tensor) error {
+	if rm, ok := b.Backend.(kernels.ReplicaMasker); ok {
+		return rm.MaskReplicas(w, ids, table)
+	}
+	return fmt.Errorf("replica mask: backend %s has no device mask", b.Name())
+}

@@ -1,6 +1,7 @@
 package parallel
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -58,6 +59,9 @@ func (e *Engine) GraphStats() GraphStats {
 		return GraphStats{}
 	}
 	s := e.graphs.stats
+	if dr, ok := e.ranks.(*deviceRanks); ok {
+		s.ArenaBytes += dr.arenaBytes() // the peers' (ranks_device.go)
+	}
 	for _, g := range e.graphs.graphs {
 		if g.graph != nil {
 			s.Graphs++
@@ -183,8 +187,8 @@ func (g *decodeGraphs) step(e *Engine, inputs []StepInput) (res *StepResult, ok 
 		if err := g.be.UpdateBatch(dg.meta, pb); err != nil {
 			return nil, true, fmt.Errorf("decode graph %d×%d: %w", key.seqs, key.ctx, err)
 		}
-		if err := dg.graph.Launch(); err != nil {
-			return nil, true, fmt.Errorf("decode graph %d×%d: launch: %w", key.seqs, key.ctx, err)
+		if err := g.launch(e, dg, key, pb); err != nil {
+			return nil, true, err
 		}
 		g.stats.Replays++
 	} else if err := g.warmUpAndCapture(e, a, key, pb); err != nil {
@@ -195,6 +199,21 @@ func (g *decodeGraphs) step(e *Engine, inputs []StepInput) (res *StepResult, ok 
 	}
 	res, err = g.result(e, a, n)
 	return res, true, err
+}
+
+// launch replays dg, and the rank group's peers' graphs of key with it
+// (ranks_device.go).
+func (g *decodeGraphs) launch(e *Engine, dg *decodeGraph, key graphKey, pb *kernels.Batch) error {
+	launch := func() error {
+		if err := dg.graph.Launch(); err != nil {
+			return fmt.Errorf("decode graph %d×%d: launch: %w", key.seqs, key.ctx, err)
+		}
+		return nil
+	}
+	if dr, ok := e.ranks.(*deviceRanks); ok {
+		return dr.replay(context.Background(), key, pb, launch)
+	}
+	return launch()
 }
 
 // warmUpAndCapture runs a bucket's first step eagerly over its new
@@ -209,14 +228,22 @@ func (g *decodeGraphs) warmUpAndCapture(e *Engine, a *graphArena, key graphKey, 
 	}
 	dg := &decodeGraph{meta: meta}
 	g.graphs[key] = dg // Close frees its metadata from here on
-	if err := e.graphForward(a, meta); err != nil {
+	// The rank group's layers, if any: rank 0 through this arena, the
+	// peers alongside (warm-up), then into their own graphs (capture).
+	var warm, capture func() error
+	if dr, ok := e.ranks.(*deviceRanks); ok {
+		ctx := context.Background()
+		warm = func() error { return dr.graphWarmUp(ctx, a, meta, key, pb) }
+		capture = func() error { return dr.graphCapture(ctx, a, meta, key) }
+	}
+	if err := e.graphForward(a, meta, warm); err != nil {
 		return fmt.Errorf("decode step (graph warm-up %d×%d): %w", key.seqs, key.ctx, err)
 	}
 	if err := g.be.BeginCapture(); err != nil {
 		g.captureFailed(key, err)
 		return nil
 	}
-	ferr := e.graphForward(a, meta)
+	ferr := e.graphForward(a, meta, capture)
 	gr, cerr := g.be.EndCapture()
 	if ferr != nil || cerr != nil {
 		if gr != nil {
@@ -239,8 +266,14 @@ func (g *decodeGraphs) captureFailed(key graphKey, err error) {
 // pad lays a decode batch of n sequences out as key's graph reads it (see
 // the comment at the top of this file).
 func (g *decodeGraphs) pad(b *kernels.Batch, ids []int32, key graphKey) (*kernels.Batch, []int32) {
+	return padBatch(b, ids, key, g.scratch, g.blockSize)
+}
+
+// padBatch is pad over a scratch block of blockSize tokens (the rank
+// group's graphs pad alike: ranks_device.go).
+func padBatch(b *kernels.Batch, ids []int32, key graphKey, scratch int32, blockSize int) (*kernels.Batch, []int32) {
 	T, n := key.seqs, len(ids)
-	width := (key.ctx + g.blockSize - 1) / g.blockSize
+	width := (key.ctx + blockSize - 1) / blockSize
 	p := &kernels.Batch{Positions: make([]int32, T), SeqIndex: make([]int32, T), Slots: make([]int32, T),
 		BlockTables: make([][]int32, T), ContextLens: make([]int32, T)}
 	pids := make([]int32, T)
@@ -254,10 +287,10 @@ func (g *decodeGraphs) pad(b *kernels.Batch, ids []int32, key graphKey) (*kernel
 			p.Positions[i], p.Slots[i], pids[i] = b.Positions[i], b.Slots[i], ids[i]
 			real = copy(t, b.BlockTables[i]) // a sequence holds blocks for its whole request: keep the first width
 		} else {
-			p.Slots[i], pids[i] = g.scratch*int32(g.blockSize), -1
+			p.Slots[i], pids[i] = scratch*int32(blockSize), -1
 		}
 		for j := real; j < width; j++ {
-			t[j] = g.scratch
+			t[j] = scratch
 		}
 		p.BlockTables[i] = t
 	}
@@ -342,8 +375,9 @@ func (g *decodeGraphs) close() {
 
 // graphForward issues the decode step of arena a's bucket over meta with no
 // host transfer, so that it can be captured: the embedding of the persistent
-// ids, every layer, the final norm and lm_head, all into the arena.
-func (e *Engine) graphForward(a *graphArena, meta kernels.BatchMeta) error {
+// ids, every layer (ranks issues a rank group's, if any), the final norm
+// and lm_head, all into the arena.
+func (e *Engine) graphForward(a *graphArena, meta kernels.BatchMeta, ranks func() error) error {
 	f := &model.Forward{Cfg: e.Cfg, BE: arenaBackend{e.BE, a}, Meta: meta, T: a.seqs, Ranks: e.comm} // comm.go
 	if err := e.BE.Embed(a.h, e.W.Embed, a.ids); err != nil {
 		return fmt.Errorf("embed: %w", err)
@@ -351,6 +385,11 @@ func (e *Engine) graphForward(a *graphArena, meta kernels.BatchMeta) error {
 	for i, lw := range e.W.Layers {
 		a.reset()
 		if err := f.Layer(lw, a.h, e.KV.Layers[i]); err != nil {
+			return err
+		}
+	}
+	if ranks != nil {
+		if err := ranks(); err != nil {
 			return err
 		}
 	}

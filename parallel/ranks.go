@@ -46,8 +46,15 @@ type RankOptions struct {
 	// TensorParallelCUDA); nil: in-process collectives through the host.
 	Collectives tp.Collectives
 	// Dispatch is the MoE layers' expert dispatch: "allreduce" (default,
-	// "") or "alltoall" (CPU ranks with EP ≥ 2; tp.DispatchAllToAll).
+	// "") or "alltoall" (EP ≥ 2; tp.DispatchAllToAll: on GPU ranks in
+	// eager steps, decode graphs keep the all-reduce).
 	Dispatch string
+	// ShareHead runs rank 0 on the engine's backend (NewBackend(0) is not
+	// called): the residual stream stays on the device, broadcast to the
+	// other ranks, and decode steps replay per-rank graphs
+	// (ranks_device.go). The engine's backend must be what NewBackend(0)
+	// would make (the same device).
+	ShareHead bool
 }
 
 // TensorParallel is vLLM's --tensor-parallel-size n: n ranks, every routed
@@ -64,8 +71,9 @@ func TensorParallel(n int, expertParallel bool, newBackend func(rank int) (kerne
 // Enabled reports whether the options ask for more than one rank.
 func (o RankOptions) Enabled() bool { return o.Ranks > 1 }
 
-// openGroup loads layers [first, end) of src onto o's ranks.
-func openGroup(ctx context.Context, src ModelSource, cfg *model.Config, first, end int, o RankOptions, progress model.Progress) (*tp.Group, error) {
+// openGroup loads layers [first, end) of src onto o's ranks; head, when
+// set, is rank 0's backend.
+func openGroup(ctx context.Context, src ModelSource, cfg *model.Config, first, end int, o RankOptions, head kernels.Backend, progress model.Progress) (*tp.Group, error) {
 	if o.NewBackend == nil {
 		return nil, errors.New("rank group: RankOptions.NewBackend is required")
 	}
@@ -76,14 +84,18 @@ func openGroup(ctx context.Context, src ModelSource, cfg *model.Config, first, e
 	load := func(ctx context.Context, sel model.Selection, be kernels.Backend) (*model.Weights, func(), error) {
 		return loadSelection(ctx, src, cfg, sel, be, progress)
 	}
-	return tp.New(ctx, g, tp.Options{NewBackend: o.NewBackend, Load: load, Timeout: o.Timeout, Collectives: o.Collectives, Dispatch: o.Dispatch})
+	return tp.New(ctx, g, tp.Options{NewBackend: o.NewBackend, Load: load, Timeout: o.Timeout, Collectives: o.Collectives, Dispatch: o.Dispatch, Head: head})
 }
 
 // openRanked makes the engine of a pipeline's head (or the whole model,
 // end = the model's layers) whose layers [0, end) run on o's ranks; be
 // holds the embedding, final norm, lm_head and MTP layer.
 func openRanked(ctx context.Context, src ModelSource, cfg *model.Config, be kernels.Backend, end int, opt EngineOptions, progress model.Progress) (*Engine, func(), error) {
-	g, err := openGroup(ctx, src, cfg, 0, end, opt.Ranks, progress)
+	var head kernels.Backend
+	if opt.Ranks.ShareHead {
+		head = be
+	}
+	g, err := openGroup(ctx, src, cfg, 0, end, opt.Ranks, head, progress)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -96,14 +108,21 @@ func openRanked(ctx context.Context, src ModelSource, cfg *model.Config, be kern
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()
 	}
-	opt.Logger.Info("decoder layers run on ranks", "layers", fmt.Sprintf("[0,%d)", end), "grid", g.Grid.String())
-	e, err := NewEngineOn(be, w, g, opt)
+	opt.Logger.Info("decoder layers run on ranks", "layers", fmt.Sprintf("[0,%d)", end), "grid", g.Grid.String(), "rank0_is_head", head != nil)
+	var rg RankGroup = g
+	dr := (*deviceRanks)(nil)
+	if head != nil {
+		dr = newDeviceRanks(g, cfg, opt)
+		rg = dr
+	}
+	e, err := NewEngineOn(be, w, rg, opt)
 	if err != nil {
+		dr.close()
 		release()
 		g.Close()
 		return nil, nil, err
 	}
-	return e, func() { e.Close(); release(); g.Close() }, nil
+	return e, func() { e.Close(); dr.close(); release(); g.Close() }, nil
 }
 
 // NewEngineOn is NewEngine for an engine whose decoder layers run on g:
@@ -130,6 +149,9 @@ func (e *Engine) runRanks(h *kernels.Tensor) error {
 	}
 	if e.stepBatch == nil || e.stepBatch.Tokens() != h.Rows() {
 		return fmt.Errorf("engine: rank group step without its batch (engine bug)")
+	}
+	if dr, ok := e.ranks.(*deviceRanks); ok {
+		return dr.runDevice(context.Background(), e.stepBatch, h)
 	}
 	rows, err := e.BE.Download(h)
 	if err != nil {
@@ -160,7 +182,7 @@ func OpenStageRanks(ctx context.Context, src ModelSource, be kernels.Backend, fi
 	if first <= 0 || end <= first || end > cfg.NumHiddenLayers {
 		return nil, nil, fmt.Errorf("stage: layers [%d,%d) of %d: an executor stage holds a non-empty range after the head's", first, end, cfg.NumHiddenLayers)
 	}
-	g, err := openGroup(ctx, src, cfg, first, end, o, progress)
+	g, err := openGroup(ctx, src, cfg, first, end, o, nil, progress)
 	if err != nil {
 		return nil, nil, fmt.Errorf("stage [%d,%d): %w", first, end, err)
 	}

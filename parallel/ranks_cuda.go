@@ -15,10 +15,9 @@ import (
 // anything is loaded, when fewer than n GPUs are visible.
 //
 // EPLB replicas work on CUDA as on the CPU: a rank holding replicated
-// experts masks its routes on the host (model's maskReplicas downloads the
-// layer's routing ids and weights and uploads the weights back), one
-// stream synchronisation and three small copies per MoE layer and step on
-// those ranks only; ranks without replicas skip it.
+// experts masks its routes with one kernel per MoE layer (kernels'
+// ReplicaMasker) over tables uploaded when the rank opens, so the decode
+// graphs hold it; ranks without replicas skip it.
 func TensorParallelCUDA(n int, expertParallel bool, opt cuda.Options, log *slog.Logger) (RankOptions, error) {
 	if n < 1 {
 		return RankOptions{}, fmt.Errorf("tensor-parallel size %d: want at least 1", n)
@@ -36,6 +35,7 @@ func TensorParallelCUDA(n int, expertParallel bool, opt cuda.Options, log *slog.
 		return be, nil
 	}
 	o := TensorParallel(n, expertParallel, newBackend)
+	o.ShareHead = true // rank 0 on the engine's GPU 0 backend: rows stay on the device
 	o.Collectives = tp.NCCL(tp.NCCLOptions{Logger: log})
 	return o, nil
 }

@@ -59,16 +59,22 @@ func TestRanksNCCLOnGPU(t *testing.T) {
 	onGPU0 := func(int) (kernels.Backend, error) { return cuda.New(cuda.Options{}) }
 	hot := [][]int{{0, 1, 2, 3, 4, 5}, {2, 3, 4, 5, 6, 7}} // experts 2..5 on both GPUs
 	type gpuCase struct {
-		name  string
-		ranks RankOptions
-		lists [][]int
-		gpus  int // needed beyond the first
+		name   string
+		ranks  RankOptions
+		lists  [][]int
+		gpus   int  // needed beyond the first
+		graphs bool // decode steps replay graphs: rank 0 on the engine's backend (ShareHead)
 	}
 	cases := []gpuCase{
 		{name: "one-rank-nccl", ranks: RankOptions{Ranks: 1, TP: 1, EP: 1, NewBackend: onGPU0, Collectives: tp.NCCL(tp.NCCLOptions{})}},
 		{name: "tp2-one-gpu-inprocess", ranks: TensorParallel(2, false, onGPU0)},
 		{name: "ep2-one-gpu-inprocess", ranks: TensorParallel(2, true, onGPU0)},
 		{name: "eplb-ep2-one-gpu-inprocess", ranks: TensorParallel(2, true, onGPU0), lists: hot},
+		// The set-up of several GPUs on this one: rank 0 is the engine's
+		// backend, the residual is broadcast over NCCL (a one-rank
+		// communicator here) and decode steps replay graphs.
+		{name: "one-rank-nccl-shared-head-graphs", graphs: true,
+			ranks: RankOptions{Ranks: 1, TP: 1, EP: 1, NewBackend: onGPU0, Collectives: tp.NCCL(tp.NCCLOptions{}), ShareHead: true}},
 	}
 	multi := checkGPUs(2)
 	for _, c := range []struct {
@@ -88,6 +94,7 @@ func TestRanksNCCLOnGPU(t *testing.T) {
 				t.Skipf("needs %d GPUs (runs on the multi-GPU machines): %v", c.gpus, multi)
 			}
 			opt := engineOpt()
+			opt.EnforceEager = !c.graphs
 			opt.Ranks = c.ranks
 			if c.lists != nil {
 				opt.Ranks.Experts = placement(cfg, c.lists)
@@ -108,6 +115,12 @@ func TestRanksNCCLOnGPU(t *testing.T) {
 			defer closeEngine()
 			tok, logits := greedyBatch(t, e, prompts, steps)
 			worst := sameRuns(t, c.name, tok, wantTok, logits, wantLog, gpuRankTol)
+			if st := e.GraphStats(); c.graphs {
+				t.Logf("%s: rank graphs %+v", c.name, st)
+				if st.Replays == 0 {
+					t.Errorf("%s: no decode step replayed the ranks' graphs (%+v)", c.name, st)
+				}
+			}
 			t.Logf("%s: %d sequences × %d steps: greedy tokens identical to the plain CUDA engine; logits' largest relative difference %.3g",
 				c.name, len(prompts), steps, worst)
 		})

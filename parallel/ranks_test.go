@@ -36,6 +36,7 @@ type rankCase struct {
 	name          string
 	ranks, tp, ep int
 	lists         [][]int // EPLB placement over the EP groups; nil: contiguous
+	shareHead     bool    // rank 0 on the engine's backend, rows broadcast (ranks_device.go)
 }
 
 var rankCases = []rankCase{
@@ -49,6 +50,10 @@ var rankCases = []rankCase{
 	{name: "eplb-tp2+ep2", ranks: 2, tp: 2, ep: 2, lists: [][]int{{0, 1, 2, 3, 4, 5}, {2, 3, 4, 5, 6, 7}}},
 	{name: "eplb-ep4", ranks: 4, tp: 1, ep: 4, lists: [][]int{{0, 1, 2}, {0, 3, 4}, {0, 5, 6}, {7, 2, 4}}},
 	{name: "eplb-tp2xep2", ranks: 4, tp: 2, ep: 2, lists: [][]int{{0, 1, 2, 3, 7}, {3, 4, 5, 6, 7, 0}}},
+	// Rank 0 on the engine's backend, the residual broadcast (the GPU path).
+	{name: "tp2/shared-head", ranks: 2, tp: 2, ep: 1, shareHead: true},
+	{name: "tp4+ep4/shared-head", ranks: 4, tp: 4, ep: 4, shareHead: true},
+	{name: "eplb-tp2xep2/shared-head", ranks: 4, tp: 2, ep: 2, lists: [][]int{{0, 1, 2, 3, 7}, {3, 4, 5, 6, 7, 0}}, shareHead: true},
 }
 
 // rankedEngine opens the fixture in dir with its layers on c's ranks.
@@ -58,7 +63,7 @@ func rankedEngine(t testing.TB, dir string, c rankCase, opt EngineOptions) *Engi
 	if err != nil {
 		t.Fatal(err)
 	}
-	opt.Ranks = RankOptions{Ranks: c.ranks, TP: c.tp, EP: c.ep, NewBackend: cpuRanks}
+	opt.Ranks = RankOptions{Ranks: c.ranks, TP: c.tp, EP: c.ep, NewBackend: cpuRanks, ShareHead: c.shareHead}
 	if c.lists != nil {
 		opt.Ranks.Experts = placement(cfg, c.lists)
 	}
@@ -169,12 +174,13 @@ func TestRanksSchedulerTokensIdentical(t *testing.T) {
 	spec := schedOpt
 	spec.Speculative = SpecConfig{Method: "mtp", NumSpeculativeTokens: 2}
 	for _, c := range []struct {
-		name string
-		opt  SchedulerOptions
-	}{{"plain", schedOpt}, {"mtp", spec}} {
+		name  string
+		opt   SchedulerOptions
+		share bool
+	}{{"plain", schedOpt, false}, {"mtp", spec, false}, {"plain/shared-head", schedOpt, true}, {"mtp/shared-head", spec, true}} {
 		t.Run(c.name, func(t *testing.T) {
 			items, want := referenceWork(t, dir, c.opt)
-			e := rankedEngine(t, dir, rankCase{ranks: 4, tp: 2, ep: 2}, smallKV)
+			e := rankedEngine(t, dir, rankCase{ranks: 4, tp: 2, ep: 2, shareHead: c.share}, smallKV)
 			s := NewScheduler(e, c.opt)
 			defer s.Close()
 			compareWork(t, runWorkload(t, s, items), want)

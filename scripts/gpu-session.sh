@@ -3,7 +3,7 @@
 #   scripts/gpu-session.sh pack              here: build every GPU binary (CGO off, stripped) into .gpu/bin.tgz
 #   scripts/gpu-session.sh run S1 [S2 ...]   on the GPU host (carry .gpu): unpack, run each scripts/S.sh run-step,
 #                                            logs of all of them packed into $OUT/logs.tgz (the device returns 8 files)
-# S is one of: kvfp8 fp8twin transport collective mtp memplan pipeline pipelinemps (under the MPS daemon) pipelinenccl (rows over NCCL, under MPS) tpone (issue 17: one-rank communicator) suite (suite: every GPU test of kernels/cuda and parallel).
+# S is one of: kvfp8 fp8twin transport collective mtp memplan pipeline pipelinemps (under the MPS daemon) pipelinenccl (rows over NCCL, under MPS) tpone (issue 17: one-rank communicator) ranks (issue 17: the rank group on the device, two ranks on one GPU) suite (suite: every GPU test of kernels/cuda and parallel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,6 +49,7 @@ run() {
 		pipelinenccl) LINK=nccl bash scripts/gpu-pipeline.sh run ;;
 		memplan) bash scripts/gpu-memplan.sh ;;
 		tpone) bash scripts/gpu-tpone.sh ;;
+		ranks) bash scripts/gpu-ranks.sh ;;
 		suite) (. scripts/gpu-lib.sh && gpu_tests) ;;
 		*) echo "unknown step $s" ;;
 		esac || rc=1

@@ -36,7 +36,7 @@ func addBackendFlags(fs *flag.FlagSet) backendFlags {
 		ep: fs.Bool("enable-expert-parallel", false, "with --tensor-parallel-size N: whole routed experts in contiguous blocks on the N ranks instead of each split N ways (as vLLM's)"),
 		dispatch: fs.String("expert-dispatch", tp.DispatchAllReduce, "with --enable-expert-parallel: how tokens reach the experts' ranks: "+
 			"allreduce (every rank runs its experts on all tokens, one all-reduce sums) or alltoall (each rank routes its slice of the tokens, "+
-			"all-to-all-v to the experts' ranks and back, then an all-gather; --device cpu only)"),
+			"all-to-all-v to the experts' ranks and back, then an all-gather; on GPUs in eager steps, decode's graphs keep allreduce)"),
 	}
 }
 
@@ -52,7 +52,9 @@ func (f backendFlags) ranks() (parallel.RankOptions, error) {
 	case n == 1:
 		return parallel.RankOptions{}, nil
 	case *f.device == "cuda" || *f.device == "cuda:0":
-		return parallel.TensorParallelCUDA(n, *f.ep, cuda.Options{FastWideGemm: *f.fastGemm}, nil)
+		o, err := parallel.TensorParallelCUDA(n, *f.ep, cuda.Options{FastWideGemm: *f.fastGemm}, nil)
+		o.Dispatch = *f.dispatch
+		return o, err
 	case *f.device != "cpu":
 		return parallel.RankOptions{}, fmt.Errorf("--tensor-parallel-size %d on --device %s: the ranks take GPUs 0..%d (pick them with CUDA_VISIBLE_DEVICES and --device cuda); --device cpu runs %d ranks in this process", n, *f.device, n-1, n)
 	}
@@ -63,8 +65,8 @@ func (f backendFlags) ranks() (parallel.RankOptions, error) {
 }
 
 // checkDispatch refuses --expert-dispatch values, and alltoall where it
-// cannot run: without expert parallelism, or on GPU ranks (NCCL runs the
-// all-reduce dispatch only, inside decode's CUDA graphs).
+// cannot run: without expert parallelism. (On GPU ranks it serves the
+// eager steps; the decode graphs keep the all-reduce.)
 func (f backendFlags) checkDispatch() error {
 	switch d := *f.dispatch; {
 	case d == tp.DispatchAllReduce:
@@ -73,8 +75,6 @@ func (f backendFlags) checkDispatch() error {
 		return fmt.Errorf("--expert-dispatch %q: want %s or %s", d, tp.DispatchAllReduce, tp.DispatchAllToAll)
 	case !*f.ep || *f.tp < 2:
 		return fmt.Errorf("--expert-dispatch %s needs --enable-expert-parallel with --tensor-parallel-size of 2 or more", d)
-	case *f.device != "cpu":
-		return fmt.Errorf("--expert-dispatch %s runs on --device cpu ranks only; GPU ranks use %s", d, tp.DispatchAllReduce)
 	}
 	return nil
 }

@@ -19,7 +19,7 @@ import (
 	"github.com/glmtopo/glmtopo/kernels"
 )
 
-//go:embed src/common.cuh src/ops.cu src/moe.cu src/mma.cu src/gemv.cu src/wgemv.cu src/sample.cu src/attention.cu src/flash.cu
+//go:embed src/common.cuh src/ops.cu src/moe.cu src/mma.cu src/gemv.cu src/wgemv.cu src/sample.cu src/replica.cu src/attention.cu src/flash.cu
 var srcFS embed.FS
 
 func source(names ...string) string {
@@ -96,7 +96,7 @@ type Options struct {
 // opsSource is the ops module: every kernel but attention's (compiled per
 // head geometry).
 func opsSource() string {
-	return source("common.cuh", "ops.cu", "moe.cu", "mma.cu", "gemv.cu", "wgemv.cu", "sample.cu")
+	return source("common.cuh", "ops.cu", "moe.cu", "mma.cu", "gemv.cu", "wgemv.cu", "sample.cu", "replica.cu")
 }
 
 // Backend is one GPU: its primary context, one stream, a caching allocator

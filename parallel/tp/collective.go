@@ -204,3 +204,41 @@ func f32Bytes(v []float32) []byte {
 	}
 	return b
 }
+
+var _ kernels.Broadcaster = (*comm)(nil)
+
+// Broadcast replaces t on every member with member root's t (through the
+// host, like AllReduceSum).
+func (c *comm) Broadcast(t *kernels.Tensor, root int) error {
+	if t.DType != kernels.F32 {
+		return fmt.Errorf("broadcast of a %v tensor: want f32", t.DType)
+	}
+	if root < 0 || root >= c.hub.size {
+		err := fmt.Errorf("broadcast from rank %d of %d", root, c.hub.size)
+		c.hub.fate.fail(err) // its peers must not wait for it
+		return err
+	}
+	part := []float32{} // the others' parts are not read, but must be there
+	if c.member == root {
+		x, err := c.be.Download(t)
+		if err != nil {
+			c.hub.fate.fail(err)
+			return err
+		}
+		part = x
+	}
+	out, err := c.hub.meet(c.member, fmt.Sprintf("broadcast from %d", root), part, func(_ int, parts []any) (any, error) {
+		return parts[root], nil
+	})
+	if err != nil {
+		return err
+	}
+	if c.member == root {
+		return nil
+	}
+	x := out.([]float32)
+	if len(x) != t.Elements() {
+		return fmt.Errorf("broadcast from rank %d: %d values for a tensor of %d", c.hub.names[root], len(x), t.Elements())
+	}
+	return c.be.Upload(t, f32Bytes(x))
+}

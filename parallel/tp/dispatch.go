@@ -3,6 +3,8 @@ package tp
 import (
 	"fmt"
 
+	"github.com/glmtopo/glmtopo/kernels"
+
 	"github.com/glmtopo/glmtopo/model"
 )
 
@@ -10,11 +12,13 @@ import (
 const (
 	// DispatchAllReduce: every rank runs its experts on the tokens routed
 	// to them and one all-reduce sums the partials (vLLM's default; the
-	// only one NCCL ranks run, inside decode's CUDA graphs).
+	// one decode's CUDA graphs hold).
 	DispatchAllReduce = "allreduce"
 	// DispatchAllToAll: each rank routes its slice of the tokens and
 	// exchanges rows with the experts' ranks by all-to-all-v, then an
-	// all-gather (model's dispatch.go); the in-process collectives only.
+	// all-gather (model's dispatch.go). Its counts reach the host each MoE
+	// layer, so on GPU ranks it runs in eager steps (prefill) only; the
+	// decode graphs keep the all-reduce.
 	DispatchAllToAll = "alltoall"
 )
 
@@ -29,12 +33,6 @@ func checkDispatch(g *Grid, opt Options) error {
 	}
 	if g.EP < 2 {
 		return fmt.Errorf("rank group %s: the %s expert dispatch needs expert parallelism (EP ≥ 2)", g, DispatchAllToAll)
-	}
-	if opt.Collectives != nil {
-		// NCCL's all-to-all-v needs the counts on the host to size its
-		// receives: a synchronisation per MoE layer that CUDA graphs
-		// cannot hold. Not wired yet; the all-reduce runs there.
-		return fmt.Errorf("rank group %s: the %s expert dispatch runs on the in-process collectives (CPU ranks) only; GPU ranks use %s", g, DispatchAllToAll, DispatchAllReduce)
 	}
 	return nil
 }
@@ -61,3 +59,14 @@ func (s servers) Routed(l, token, e int) (first, n int) {
 
 // Shared is r's TP group: its ranks hold the shared expert's TP slices.
 func (s servers) Shared() (first, n int) { return s.g.Replica(s.r) * s.g.TP, s.g.TP }
+
+// checkExchangers refuses the all-to-all dispatch over communicators that
+// cannot exchange rows (before a step would find out).
+func checkExchangers(g *Grid, c *Comms) error {
+	for r, rc := range c.Ranks {
+		if _, ok := rc.MoE.(kernels.Exchanger); !ok {
+			return fmt.Errorf("rank group %s: the %s expert dispatch needs all-to-all-v; rank %d's MoE communicator %T has none", g, DispatchAllToAll, r, rc.MoE)
+		}
+	}
+	return nil
+}

@@ -106,10 +106,10 @@ func TestDispatchRankFailure(t *testing.T) {
 }
 
 // TestDispatchRefused: an unknown dispatch, all-to-all without expert
-// parallelism, and all-to-all on factory-made (NCCL) communicators.
+// parallelism, and all-to-all on factory-made communicators without
+// all-to-all-v (its payload checks are the in-process one's).
 func TestDispatchRefused(t *testing.T) {
 	dir, cfg := synthModel(t, groupLimited, "bf16")
-	nccl := func(context.Context, *Grid, []kernels.Backend) (*Comms, error) { return nil, errors.New("unused") }
 	for _, c := range []struct {
 		name          string
 		ranks, tp, ep int
@@ -118,7 +118,7 @@ func TestDispatchRefused(t *testing.T) {
 	}{
 		{"unknown", 2, 1, 2, Options{Dispatch: "broadcast"}, `want "allreduce" or "alltoall"`},
 		{"tp only", 2, 2, 1, Options{Dispatch: DispatchAllToAll}, "needs expert parallelism"},
-		{"nccl", 2, 1, 2, Options{Dispatch: DispatchAllToAll, Collectives: nccl}, "in-process collectives"},
+		{"no all-to-all-v", 2, 1, 2, Options{Dispatch: DispatchAllToAll, Collectives: newFakeComms().factory()}, "needs all-to-all-v"},
 	} {
 		g, err := NewGrid(cfg, 0, cfg.NumHiddenLayers, c.ranks, c.tp, c.ep, nil)
 		if err != nil {

@@ -102,6 +102,11 @@ func (g *Grid) place(l int, given map[int]topology.LayerExperts) ([][]int, error
 			if e < 0 || e >= E {
 				return nil, fmt.Errorf("placement puts expert %d (of %d) on GPU %d", e, E, grp)
 			}
+			// One replica per group: a group's index among an expert's
+			// holders is its replica (replicaMask, the device tables).
+			if slices.Contains(holders[e], grp) {
+				return nil, fmt.Errorf("placement lists expert %d twice on GPU %d", e, grp)
+			}
 			holders[e] = append(holders[e], grp)
 		}
 	}

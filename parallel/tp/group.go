@@ -35,6 +35,11 @@ type Options struct {
 	// Dispatch is the MoE layers' expert dispatch: DispatchAllReduce
 	// (default, "") or DispatchAllToAll (dispatch.go).
 	Dispatch string
+	// Head, when set, is rank 0's backend instead of NewBackend(0): the
+	// engine's own (the same device), so that the engine's residual
+	// stream is rank 0's and never leaves the device (parallel's
+	// deviceRanks). The group does not close it.
+	Head kernels.Backend
 }
 
 // Group runs decoder layers [Grid.First, Grid.End) on Grid.Ranks ranks in
@@ -54,6 +59,8 @@ type Group struct {
 type rank struct {
 	id      int
 	be      kernels.Backend
+	shared  bool           // be is Options.Head: not the group's to close
+	tables  *ReplicaTables // EPLB replica tables on be; nil: none (replica.go)
 	w       *model.Weights
 	release func()
 	kv      []*kernels.KVCache
@@ -88,21 +95,47 @@ func New(ctx context.Context, g *Grid, opt Options) (*Group, error) {
 			return nil, err
 		}
 		gr.comms = c
+		if gr.a2a {
+			if err := checkExchangers(g, c); err != nil {
+				gr.Close()
+				return nil, err
+			}
+		}
 	}
 	return gr, nil
 }
 
 func openRank(ctx context.Context, g *Grid, r int, opt Options) (*rank, error) {
-	be, err := opt.NewBackend(r)
-	if err != nil {
-		return nil, fmt.Errorf("rank %d: backend: %w", r, err)
+	rk := &rank{id: r, jobs: make(chan func())}
+	if r == 0 && opt.Head != nil {
+		rk.be, rk.shared = opt.Head, true
+	} else {
+		be, err := opt.NewBackend(r)
+		if err != nil {
+			return nil, fmt.Errorf("rank %d: backend: %w", r, err)
+		}
+		rk.be = be
 	}
-	w, release, err := opt.Load(ctx, g.Selection(r), be)
+	w, release, err := opt.Load(ctx, g.Selection(r), rk.be)
 	if err != nil {
-		be.Close()
+		rk.closeBackend()
 		return nil, fmt.Errorf("rank %d of %s: %w", r, g, err)
 	}
-	return &rank{id: r, be: be, w: w, release: release, jobs: make(chan func())}, nil
+	rk.w, rk.release = w, release
+	// Uploaded before any graph capture, so no capture's scratch can later
+	// be handed out over them.
+	if rk.tables, err = g.ReplicaTables(r, rk.be); err != nil {
+		release()
+		rk.closeBackend()
+		return nil, fmt.Errorf("rank %d: %w", r, err)
+	}
+	return rk, nil
+}
+
+func (rk *rank) closeBackend() {
+	if !rk.shared {
+		rk.be.Close()
+	}
 }
 
 // loop runs the rank's jobs on one OS thread (a GPU's context is bound to it).
@@ -119,6 +152,15 @@ func (gr *Group) Layers() (first, end int) { return gr.Grid.First, gr.Grid.End }
 
 // Ranks is the number of ranks.
 func (gr *Group) Ranks() int { return len(gr.ranks) }
+
+// Backend is rank r's backend.
+func (gr *Group) Backend(r int) kernels.Backend { return gr.ranks[r].be }
+
+// DeviceComms reports whether the ranks' collectives are communicators made
+// once (Options.Collectives: NCCL on GPUs), which run on the backends'
+// streams and can be captured in graphs; the in-process ones go through
+// the host.
+func (gr *Group) DeviceComms() bool { return gr.comms != nil }
 
 // Weights is rank r's weights (tests inspect its slices).
 func (gr *Group) Weights(r int) *model.Weights { return gr.ranks[r].w }
@@ -172,10 +214,11 @@ func (gr *Group) Close() {
 	gr.comms.close()
 	gr.comms = nil
 	for _, rk := range gr.ranks {
+		rk.tables.Free()
 		if rk.release != nil {
 			rk.release()
 		}
-		rk.be.Close()
+		rk.closeBackend()
 	}
 	gr.ranks = nil
 }

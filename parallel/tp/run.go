@@ -51,6 +51,41 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 	if len(gr.ranks) == 0 || len(gr.ranks[0].kv) != len(gr.ranks[0].w.Layers) {
 		return fmt.Errorf("rank group: step before the KV caches are allocated (AllocKV)")
 	}
+	in := f32Bytes(h) // read by every rank; rank 0 writes out, copied to h once all are done
+	var out []float32
+	err := gr.Do(ctx, func(rs RankState) error {
+		res, err := gr.ranks[rs.ID].step(b, in, rs.Comm)
+		if rs.ID == 0 {
+			out = res
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	copy(h, out)
+	return nil
+}
+
+// RankState is one rank as a step function given to Do sees it, on the
+// rank's own OS thread: its backend, weights' slices, KV caches (one per
+// layer, from AllocKV) and the step's collectives.
+type RankState struct {
+	ID   int
+	BE   kernels.Backend
+	W    *model.Weights
+	KV   []*kernels.KVCache
+	Comm *model.RankComm
+}
+
+// Do runs fn on every rank at once, each on its rank's thread, under the
+// step's failure rules: the first rank's error (a panic becomes one), ctx
+// ending or, with the group's communicators, the step outrunning the
+// timeout fails every rank's waits (the communicators are aborted) and is
+// returned. fn must not return before the work it queued on the rank's
+// backend is done (a GPU rank synchronises its stream), so that a peer
+// stuck in a collective is still under the step's watch.
+func (gr *Group) Do(ctx context.Context, fn func(RankState) error) error {
 	if gr.aborted.Load() {
 		return errAborted
 	}
@@ -60,21 +95,25 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st := gr.newStep(ctx)
-	defer st.end()    // before cancel: a finished step must not trip the watch
-	in := f32Bytes(h) // read by every rank; rank 0 writes out, copied to h once all are done
-	var out []float32
+	defer st.end() // before cancel: a finished step must not trip the watch
 	errs := make(chan error, len(gr.ranks))
+	var inline func()
 	for _, rk := range gr.ranks {
-		rc := st.rankComm(rk)
+		rs := RankState{ID: rk.id, BE: rk.be, W: rk.w, KV: rk.kv, Comm: st.rankComm(rk)}
 		job := func() {
-			res, err := rk.safeStep(b, in, rc)
+			err := safeDo(fn, rs)
 			if err != nil {
 				err = fmt.Errorf("rank %d: %w", rk.id, err)
 				st.fail(err)
-			} else if rk.id == 0 {
-				out = res
 			}
 			errs <- err
+		}
+		if rk.shared {
+			// The engine's own backend: its part runs on the caller's
+			// goroutine, which drives that backend anyway (no hand-off),
+			// once the others have theirs.
+			inline = job
+			continue
 		}
 		select {
 		case rk.jobs <- job:
@@ -82,6 +121,9 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 			st.fail(ctx.Err())
 			errs <- ctx.Err()
 		}
+	}
+	if inline != nil {
+		inline()
 	}
 	var first error
 	for range gr.ranks {
@@ -95,8 +137,18 @@ func (gr *Group) Run(ctx context.Context, b *kernels.Batch, h []float32) error {
 		}
 		return first
 	}
-	copy(h, out)
 	return nil
+}
+
+// safeDo is fn with a panic turned into the rank's error: a rank that
+// dies must still answer, or Do (and its peers) would wait for it.
+func safeDo(fn func(RankState) error, rs RankState) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("panic: %v", p)
+		}
+	}()
+	return fn(rs)
 }
 
 // step is one Run's shared outcome and collectives: in-process ones made
@@ -134,13 +186,16 @@ func (gr *Group) newStep(ctx context.Context) *step {
 
 // rankComm is rank rk's view of the step's collectives.
 func (st *step) rankComm(rk *rank) *model.RankComm {
+	var rc *model.RankComm
 	if st.inproc == nil {
-		return st.gr.comms.rankComm(st.gr.Grid, rk.id)
+		rc = st.gr.comms.rankComm(st.gr.Grid, rk.id)
+	} else {
+		rc = st.inproc.rankComm(st.gr.Grid, rk.id, rk.be)
 	}
-	rc := st.inproc.rankComm(st.gr.Grid, rk.id, rk.be)
 	if st.gr.a2a {
 		rc.AllToAll = servers{st.gr.Grid, rk.id}
 	}
+	rk.tables.Attach(rc)
 	return rc
 }
 
@@ -161,17 +216,6 @@ func (st *step) end() {
 		st.stop()
 		st.cancel()
 	}
-}
-
-// safeStep is step with a panic turned into the rank's error: a rank that
-// dies must still answer, or Run (and its peers) would wait for it.
-func (rk *rank) safeStep(b *kernels.Batch, in []byte, rc *model.RankComm) (out []float32, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			out, err = nil, fmt.Errorf("panic: %v", p)
-		}
-	}()
-	return rk.step(b, in, rc)
 }
 
 // step runs the rank's layers on its copy of the rows.

@@ -13,6 +13,7 @@ type DType int32
 const (
 	Uint8    DType = 1
 	Int32    DType = 2
+	Int64    DType = 4
 	Float32  DType = 7
 	BFloat16 DType = 9
 )
@@ -26,6 +27,8 @@ func (d DType) Size() int64 {
 		return 2
 	case Int32, Float32:
 		return 4
+	case Int64:
+		return 8
 	}
 	return 0
 }
@@ -36,6 +39,8 @@ func (d DType) String() string {
 		return "uint8"
 	case Int32:
 		return "int32"
+	case Int64:
+		return "int64"
 	case Float32:
 		return "f32"
 	case BFloat16:

@@ -70,6 +70,7 @@ type rankEnv struct {
 	comm   *Comm
 	stream uintptr
 	bufs   []uintptr
+	be     *cuda.Backend // made by backend() for the checks that stage through one
 }
 
 func (e *rankEnv) alloc(n int64) (Buffer, error) {
@@ -86,6 +87,9 @@ func (e *rankEnv) free() {
 		e.dev.Free(p)
 	}
 	e.dev.DestroyStream(e.stream)
+	if e.be != nil {
+		e.be.Close()
+	}
 }
 
 // upload makes a device buffer holding v in type d.
@@ -134,6 +138,9 @@ var collectiveChecks = []collectiveCheck{
 	{"reduce-scatter f32", checkReduceScatterOn},
 	{"all-to-all-v bf16", checkAllToAllVOn},
 	{"tensor all-reduce", checkTensorAllReduceOn},
+	{"broadcast f32 from each root", checkBroadcastOn},
+	{"tensor broadcast i32 and f8 bytes", checkTensorBroadcastOn},
+	{"staged all-to-all-v and all-gather-v", checkExchangeOn},
 }
 
 func checkAllReduceOn(e *rankEnv, k int, n int64, d DType, inPlace bool) error {

@@ -112,6 +112,7 @@ const (
 	fReduceScatter
 	fGroupStart
 	fGroupEnd
+	fBroadcast
 )
 
 func (f *fakeLib) calls() []fakeCall {

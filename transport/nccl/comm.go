@@ -25,7 +25,7 @@ var _ device = (*cuda.Device)(nil)
 
 // Comm is a communicator of nranks ranks on one device.
 type Comm struct {
-	l            *lib
+	l            *lib // every NCCL call goes through it: the process's, or a HostLibrary's
 	c            uintptr
 	dev          device
 	rank, nranks int
@@ -60,6 +60,41 @@ type InitOptions struct {
 	// for the missing rank. Use it where every rank is this process's (a
 	// host's GPUs), not across hosts where a peer may never come.
 	Blocking bool
+	// Host, for tests and development only, makes the rank's init run as if
+	// on a host of that name: non-empty, the init's goroutine locks its OS
+	// thread for good, moves it into a UTS namespace of its own with that
+	// hostname (CAP_SYS_ADMIN needed) and calls NCCL there, through Library,
+	// which must be a HostLibrary opened for the same name. NCCL refuses
+	// two ranks of one host on one GPU ("Duplicate GPU detected"); ranks
+	// with different names count as different hosts and talk over
+	// NET/Socket, so two ranks of one process can share one GPU. The name
+	// alone is not enough: NCCL computes its host identity once per loaded
+	// library, hence the private copy (see HostLibrary). The thread is
+	// retired when the goroutine ends, never reused by Go. NCCL_HOSTID in
+	// the environment would override the name: InitRankWith refuses it.
+	// See emulateHost.
+	Host string
+	// Library is the private libnccl of Host's ranks (OpenHostLibrary(Host)),
+	// shared by every communicator of those ranks; set exactly when Host is.
+	// The communicator makes every NCCL call through it.
+	Library *HostLibrary
+}
+
+// library is the libnccl a communicator with these options uses: the
+// process's (l) or Host's private one.
+func (o InitOptions) library(l *lib) (*lib, error) {
+	switch {
+	case o.Host == "" && o.Library == nil:
+		return l, nil
+	case o.Library == nil:
+		return nil, fmt.Errorf("nccl emulated host %q: InitOptions.Library is nil; pass OpenHostLibrary(%q) (NCCL computes its host identity once per loaded library)", o.Host, o.Host)
+	case o.Library.host != o.Host:
+		return nil, fmt.Errorf("nccl emulated host %q: InitOptions.Library was opened for host %q", o.Host, o.Library.host)
+	}
+	if err := checkHost(o.Host); err != nil {
+		return nil, err
+	}
+	return o.Library.l, nil
 }
 
 // InitRankWith is InitRank with options.
@@ -81,6 +116,10 @@ func initRank(ctx context.Context, l *lib, dev device, id UniqueID, nranks, rank
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("rank %d of %d: %w", rank, nranks, err)
 	}
+	l, err := opt.library(l)
+	if err != nil {
+		return nil, fmt.Errorf("rank %d of %d: %w", rank, nranks, err)
+	}
 	c := &Comm{l: l, dev: dev, rank: rank, nranks: nranks, abortWait: wait}
 	what := "ncclCommInitRankConfig"
 	cfg := newConfig()
@@ -99,6 +138,16 @@ func initRank(ctx context.Context, l *lib, dev device, id UniqueID, nranks, rank
 	done := make(chan initResult, 1)
 	go func() {
 		var r initResult
+		if opt.Host != "" {
+			// No unlock: the goroutine ends on a thread in a namespace of
+			// its own, which Go then retires. dev.Do's own lock nests in
+			// this one (LockOSThread counts), so the init stays here.
+			runtime.LockOSThread()
+			if r.err = emulateHost(opt.Host); r.err != nil {
+				done <- r
+				return
+			}
+		}
 		r.err = dev.Do(func() error { r.res = call(fn, args...); return nil })
 		runtime.KeepAlive(cfg) // NCCL reads it during the call (and copies it)
 		done <- r

@@ -18,6 +18,7 @@ import (
 // abort paths: a peer that never joins, a blocking init that only returns
 // when the test releases it, an abort that hangs.
 const fakeNCCL = `
+#include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
 typedef struct { char internal[128]; } ncclUniqueId;
@@ -30,7 +31,13 @@ void fake_set(int m) { mode = m; released = 0; aborts = 0; polls = 0; nrec = 0; 
 void fake_release(void) { __atomic_store_n(&released, 1, __ATOMIC_SEQ_CST); }
 int fake_aborts(void) { return __atomic_load_n(&aborts, __ATOMIC_SEQ_CST); }
 static void wait_release(void) { while (!__atomic_load_n(&released, __ATOMIC_SEQ_CST)) usleep(1000); }
-static struct comm *newcomm(void) { return calloc(1, sizeof(struct comm)); }
+/* Like NCCL's getHostHash: the host's name is read once per loaded
+   library, by the first init, on the thread that runs it. */
+static char host[65];
+static pthread_once_t hostOnce = PTHREAD_ONCE_INIT;
+static void readHost(void) { gethostname(host, sizeof host - 1); }
+const char *fake_host(void) { return host; }
+static struct comm *newcomm(void) { pthread_once(&hostOnce, readHost); return calloc(1, sizeof(struct comm)); }
 #ifndef OLD
 int ncclCommInitRankConfig(struct comm **c, int nranks, ncclUniqueId id, int rank, cfg_t *cfg) {
 	if (cfg->magic != 0xcafebeef || cfg->version != 21400 || cfg->blocking != 0) return 4;
@@ -63,7 +70,7 @@ int ncclGetUniqueId(ncclUniqueId *id) { return 0; }
 /* Every data call is recorded (coll_test.go reads the log back): which
    function, its seven arguments as integers; fake_fail makes one of them
    answer ncclInvalidArgument. */
-enum { F_SEND = 1, F_RECV, F_ALLREDUCE, F_ALLGATHER, F_REDUCESCATTER, F_GROUPSTART, F_GROUPEND };
+enum { F_SEND = 1, F_RECV, F_ALLREDUCE, F_ALLGATHER, F_REDUCESCATTER, F_GROUPSTART, F_GROUPEND, F_BROADCAST };
 typedef struct { int fn; unsigned long a[7]; } rec_t;
 static rec_t recs[256];
 static int rec(int fn, unsigned long a0, unsigned long a1, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5, unsigned long a6) {
@@ -78,6 +85,7 @@ int ncclRecv(void *b, unsigned long n, int dt, int peer, struct comm *c, void *s
 int ncclAllReduce(const void *sb, void *rb, unsigned long n, int dt, int op, struct comm *c, void *s) { return rec(F_ALLREDUCE, (unsigned long)sb, (unsigned long)rb, n, dt, op, (unsigned long)c, (unsigned long)s); }
 int ncclAllGather(const void *sb, void *rb, unsigned long n, int dt, struct comm *c, void *s) { return rec(F_ALLGATHER, (unsigned long)sb, (unsigned long)rb, n, dt, (unsigned long)c, (unsigned long)s, 0); }
 int ncclReduceScatter(const void *sb, void *rb, unsigned long n, int dt, int op, struct comm *c, void *s) { return rec(F_REDUCESCATTER, (unsigned long)sb, (unsigned long)rb, n, dt, op, (unsigned long)c, (unsigned long)s); }
+int ncclBroadcast(const void *sb, void *rb, unsigned long n, int dt, int root, struct comm *c, void *s) { return rec(F_BROADCAST, (unsigned long)sb, (unsigned long)rb, n, dt, root, (unsigned long)c, (unsigned long)s); }
 int ncclGroupStart(void) { return rec(F_GROUPSTART, 0, 0, 0, 0, 0, 0, 0); }
 /* With a peer missing, a group's launch never leaves ncclInProgress. */
 int ncclGroupEnd(void) { int r = rec(F_GROUPEND, 0, 0, 0, 0, 0, 0, 0); return r ? r : mode == PEER_MISSING ? 7 : 0; }
@@ -100,6 +108,7 @@ type fakeLib struct {
 	nrec    func() int32
 	rec     func(i, j int32) int64
 	fail    func(fn int32)
+	host    func() string // the name the library's first init read
 }
 
 var fakeLibs sync.Map // path → *fakeLib: a library loads once per process
@@ -119,7 +128,7 @@ func buildFake(t *testing.T, old bool) *fakeLib {
 		t.Fatal(err)
 	}
 	so := filepath.Join(dir, "libfakenccl.so")
-	args := []string{"-O1", "-shared", "-fPIC", "-o", so, src}
+	args := []string{"-O1", "-shared", "-fPIC", "-pthread", "-o", so, src}
 	if old {
 		args = append([]string{"-DOLD"}, args...)
 	}
@@ -133,17 +142,21 @@ func buildFake(t *testing.T, old bool) *fakeLib {
 	if old != (l.commInitRankConfig == 0) {
 		t.Fatalf("old=%v but ncclCommInitRankConfig resolved=%v", old, l.commInitRankConfig != 0)
 	}
-	h, err := purego.Dlopen(so, purego.RTLD_NOW)
-	if err != nil {
-		t.Fatal(err)
-	}
+	return newFakeLib(t, l)
+}
+
+// newFakeLib binds the test hooks of a loaded fake library (the build's,
+// or a private copy of it).
+func newFakeLib(t *testing.T, l *lib) *fakeLib {
+	t.Helper()
 	f := &fakeLib{l: l}
-	purego.RegisterLibFunc(&f.set, h, "fake_set")
-	purego.RegisterLibFunc(&f.release, h, "fake_release")
-	purego.RegisterLibFunc(&f.aborts, h, "fake_aborts")
-	purego.RegisterLibFunc(&f.nrec, h, "fake_nrec")
-	purego.RegisterLibFunc(&f.rec, h, "fake_rec")
-	purego.RegisterLibFunc(&f.fail, h, "fake_fail")
+	purego.RegisterLibFunc(&f.set, l.h, "fake_set")
+	purego.RegisterLibFunc(&f.release, l.h, "fake_release")
+	purego.RegisterLibFunc(&f.aborts, l.h, "fake_aborts")
+	purego.RegisterLibFunc(&f.nrec, l.h, "fake_nrec")
+	purego.RegisterLibFunc(&f.rec, l.h, "fake_rec")
+	purego.RegisterLibFunc(&f.fail, l.h, "fake_fail")
+	purego.RegisterLibFunc(&f.host, l.h, "fake_host")
 	t.Cleanup(f.release) // never leave a C thread parked
 	return f
 }

@@ -39,10 +39,13 @@ const (
 )
 
 type lib struct {
+	// h is the dlopen handle (the tests resolve their own symbols in it).
+	h uintptr
+
 	getUniqueID, commInitRank, send, recv, groupStart, groupEnd uintptr
 	commAbort, commDestroy, getAsyncError, getErrorString       uintptr
 	getVersion                                                  uintptr
-	allReduce, allGather, reduceScatter                         uintptr
+	allReduce, allGather, reduceScatter, broadcast              uintptr
 	// 2.14+ (zero when older): ncclCommInitRankConfig, ncclGetLastError.
 	commInitRankConfig, getLastError uintptr
 }
@@ -103,7 +106,12 @@ func openLibAt(paths []string, flags int) (*lib, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: cannot load libnccl.so.2 (tried %v; set GLMTOPO_NCCL_LIB_DIR): %v", ErrNoNCCL, paths, err)
 	}
-	l := &lib{}
+	return resolveLib(h)
+}
+
+// resolveLib resolves NCCL's entry points in the library loaded as h.
+func resolveLib(h uintptr) (*lib, error) {
+	l := &lib{h: h}
 	for name, dst := range map[string]*uintptr{
 		"ncclGetUniqueId": &l.getUniqueID, "ncclCommInitRank": &l.commInitRank,
 		"ncclSend": &l.send, "ncclRecv": &l.recv, "ncclGroupStart": &l.groupStart, "ncclGroupEnd": &l.groupEnd,
@@ -111,6 +119,7 @@ func openLibAt(paths []string, flags int) (*lib, error) {
 		"ncclCommGetAsyncError": &l.getAsyncError, "ncclGetErrorString": &l.getErrorString,
 		"ncclGetVersion": &l.getVersion,
 		"ncclAllReduce":  &l.allReduce, "ncclAllGather": &l.allGather, "ncclReduceScatter": &l.reduceScatter,
+		"ncclBroadcast": &l.broadcast,
 	} {
 		p, err := purego.Dlsym(h, name)
 		if err != nil {

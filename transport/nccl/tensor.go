@@ -41,6 +41,11 @@ const DefaultEnqueueTimeout = 30 * time.Second
 // kernels that produced the tensor and before those that read it, and
 // returns without waiting, so it sits inside a captured decode graph like
 // any kernel. Use it from the goroutine that drives the backend.
+//
+// It is also the rank group's kernels.Broadcaster (ncclBroadcast in place,
+// queued like the all-reduce) and kernels.Exchanger (host slices staged
+// through device memory, which needs a StagingBackend and waits for the
+// transfer: eager steps only, never inside a capture).
 type TensorAllReducer struct {
 	comm    *Comm
 	b       TensorBackend
