@@ -3,7 +3,9 @@
 // pipeline stages (stage*.go: the head's ring over TCP or NCCL links, executor
 // stages, micro-batches in flight with pipeline/'s schedule, spec_pipe.go);
 // and a stage's layers on several tensor/expert-parallel ranks (ranks.go,
-// tp/), or on one GPU with a one-rank communicator (comm.go).
+// tp/; with rank 0 on the engine's backend and decode graphs over every
+// rank: ranks_device.go), or on one GPU with a one-rank communicator
+// (comm.go).
 package parallel
 
 import (

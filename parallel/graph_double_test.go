@@ -174,6 +174,11 @@ func (g *graphCPU) Route(ids, weights, logits, bias *kernels.Tensor, p kernels.R
 	return g.device(func() error { return g.Backend.Route(ids, weights, logits, bias, p) })
 }
 
+// MaskReplicas is a device op (the EPLB replica mask, kernels.ReplicaMasker).
+func (g *graphCPU) MaskReplicas(w, ids, table *kernels.Tensor) error {
+	return g.device(func() error { return g.Backend.MaskReplicas(w, ids, table) })
+}
+
 func (g *graphCPU) MoE(out, x, ids, weights *kernels.Tensor, experts []*kernels.Expert) error {
 	return g.device(func() error { return g.Backend.MoE(out, x, ids, weights, experts) })
 }

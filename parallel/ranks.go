@@ -173,7 +173,8 @@ func (e *Engine) ownLayers() int {
 }
 
 // OpenStageRanks is OpenStage with the stage's layers on o's ranks (be
-// holds nothing; it stays the stage's BE for what asks for one).
+// holds no weights; it stays the stage's BE for what asks for one, and is
+// rank 0's with o.ShareHead).
 func OpenStageRanks(ctx context.Context, src ModelSource, be kernels.Backend, first, end int, o RankOptions, progress model.Progress) (*Stage, func(), error) {
 	cfg, err := src.Config()
 	if err != nil {
@@ -182,11 +183,22 @@ func OpenStageRanks(ctx context.Context, src ModelSource, be kernels.Backend, fi
 	if first <= 0 || end <= first || end > cfg.NumHiddenLayers {
 		return nil, nil, fmt.Errorf("stage: layers [%d,%d) of %d: an executor stage holds a non-empty range after the head's", first, end, cfg.NumHiddenLayers)
 	}
-	g, err := openGroup(ctx, src, cfg, first, end, o, nil, progress)
+	var head kernels.Backend
+	if o.ShareHead {
+		head = be
+	}
+	g, err := openGroup(ctx, src, cfg, first, end, o, head, progress)
 	if err != nil {
 		return nil, nil, fmt.Errorf("stage [%d,%d): %w", first, end, err)
 	}
-	st, err := NewStageOn(be, cfg, g)
+	slog.Info("decoder layers run on ranks", "layers", fmt.Sprintf("[%d,%d)", first, end), "grid", g.Grid.String(), "rank0_is_stage_backend", head != nil)
+	var rg RankGroup = g
+	if head != nil {
+		// The stage's rows (its link's, on be) are rank 0's residual; its
+		// steps run eagerly (a stage captures no graphs).
+		rg = newDeviceRanks(g, cfg, EngineOptions{EnforceEager: true})
+	}
+	st, err := NewStageOn(be, cfg, rg)
 	if err != nil {
 		g.Close()
 		return nil, nil, err

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/parallel/tp"
 )
 
@@ -118,10 +119,15 @@ func graphComms(ctx context.Context, g *tp.Grid, bes []kernels.Backend) (*tp.Com
 func TestRankGraphsMatchOneRank(t *testing.T) {
 	dir := fixtureDir("tiny")
 	items, want := referenceWork(t, dir, schedOpt)
+	cfg, err := model.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		name      string
 		ranks, ep int
-	}{{"tp2", 2, 1}, {"tp4+ep4", 4, 4}} {
+		lists     [][]int // EPLB placement: the replica mask runs in the graphs
+	}{{"tp2", 2, 1, nil}, {"tp4+ep4", 4, 4, nil}, {"eplb-tp2+ep2", 2, 2, [][]int{{0, 1, 2, 3, 4, 5}, {2, 3, 4, 5, 6, 7}}}} {
 		t.Run(c.name, func(t *testing.T) {
 			bes := []*graphCPU{newGraphCPU()}
 			opt := smallKV
@@ -131,6 +137,9 @@ func TestRankGraphsMatchOneRank(t *testing.T) {
 					bes = append(bes, be)
 					return be, nil
 				}}
+			if c.lists != nil {
+				opt.Ranks.Experts = placement(cfg, c.lists)
+			}
 			e, closeEngine, err := Open(context.Background(), ModelSource{Path: dir}, bes[0], opt, nil)
 			if err != nil {
 				t.Fatal(err)
@@ -155,5 +164,38 @@ func TestRankGraphsMatchOneRank(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRankGraphCaptureFailureFallsBack: a peer whose backend refuses to
+// capture fails the engine's capture too; the engine then steps eagerly
+// (the peers' graphs freed with its own) and the tokens stay one process's.
+func TestRankGraphCaptureFailureFallsBack(t *testing.T) {
+	dir := fixtureDir("tiny")
+	items, want := referenceWork(t, dir, schedOpt)
+	bes := []*graphCPU{newGraphCPU()}
+	opt := smallKV
+	opt.Ranks = RankOptions{Ranks: 2, TP: 2, EP: 1, ShareHead: true, Collectives: graphComms,
+		NewBackend: func(int) (kernels.Backend, error) {
+			be := newGraphCPU()
+			be.failEnd = true
+			bes = append(bes, be)
+			return be, nil
+		}}
+	e, closeEngine, err := Open(context.Background(), ModelSource{Path: dir}, bes[0], opt, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeEngine()
+	s := NewScheduler(e, schedOpt)
+	compareWork(t, runWorkload(t, s, items), want)
+	s.Close()
+	if st := e.GraphStats(); st.Replays != 0 || st.Graphs != 0 {
+		t.Errorf("graph stats %+v after a peer's capture failed: want no graph and no replay", st)
+	}
+	for r, be := range bes {
+		if be.graphs != 0 {
+			t.Errorf("rank %d: %d graphs alive after the fallback", r, be.graphs)
+		}
 	}
 }

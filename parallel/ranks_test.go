@@ -191,12 +191,12 @@ func TestRanksSchedulerTokensIdentical(t *testing.T) {
 // rankedPipeline makes a 2-stage in-process pipeline over the fixture in
 // dir split at layer k: the head on headRanks ranks (1: one backend), the
 // executor stage on stageRanks, each with TP over its ranks.
-func rankedPipeline(t *testing.T, dir string, k, headRanks, stageRanks int, ropt RingOptions) *Engine {
+func rankedPipeline(t *testing.T, dir string, k, headRanks, stageRanks int, share bool, ropt RingOptions) *Engine {
 	t.Helper()
 	src := ModelSource{Path: dir}
 	opt := smallKV
 	if headRanks > 1 {
-		opt.Ranks = RankOptions{Ranks: headRanks, TP: headRanks, EP: 1, NewBackend: cpuRanks}
+		opt.Ranks = RankOptions{Ranks: headRanks, TP: headRanks, EP: 1, NewBackend: cpuRanks, ShareHead: share}
 	}
 	head, closeHead, err := OpenHead(context.Background(), src, cpu.New(0), k, opt, nil)
 	if err != nil {
@@ -207,7 +207,7 @@ func rankedPipeline(t *testing.T, dir string, k, headRanks, stageRanks int, ropt
 	closeStage := func() {}
 	if stageRanks > 1 {
 		st, closeStage, err = OpenStageRanks(context.Background(), src, cpu.New(0), k, head.Cfg.NumHiddenLayers,
-			RankOptions{Ranks: stageRanks, TP: 1, EP: stageRanks, NewBackend: cpuRanks}, nil)
+			RankOptions{Ranks: stageRanks, TP: 1, EP: stageRanks, NewBackend: cpuRanks, ShareHead: share}, nil)
 	} else {
 		st, closeStage, err = OpenStage(context.Background(), src, cpu.New(0), k, head.Cfg.NumHiddenLayers, nil)
 	}
@@ -241,9 +241,12 @@ func TestRankedStageInPipeline(t *testing.T) {
 		name              string
 		headRanks, stRank int
 		micro             int
-	}{{"head-tp2", 2, 1, 1}, {"stage-ep2", 1, 2, 1}, {"head-tp2/micro-batches", 2, 1, 2}, {"stage-ep2/micro-batches", 1, 2, 2}} {
+		share             bool // rank 0 on the stage's backend, rows on it (ranks_device.go)
+	}{{"head-tp2", 2, 1, 1, false}, {"stage-ep2", 1, 2, 1, false}, {"head-tp2/micro-batches", 2, 1, 2, false},
+		{"stage-ep2/micro-batches", 1, 2, 2, false}, {"head-tp2/shared-head", 2, 1, 1, true},
+		{"stage-ep2/shared-head", 1, 2, 1, true}, {"stage-ep2/shared-head/micro-batches", 1, 2, 2, true}} {
 		t.Run(c.name, func(t *testing.T) {
-			head := rankedPipeline(t, dir, 2, c.headRanks, c.stRank, RingOptions{MicroBatches: c.micro})
+			head := rankedPipeline(t, dir, 2, c.headRanks, c.stRank, c.share, RingOptions{MicroBatches: c.micro})
 			s := NewScheduler(head, schedOpt)
 			defer s.Close()
 			compareWork(t, runWorkload(t, s, items), want)

@@ -1,6 +1,7 @@
 package parallel
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -281,29 +282,43 @@ func (s *Stage) batch(metas []transport.SeqMeta) (*kernels.Batch, error) {
 
 // forward runs the stage's layers on rows in place.
 func (s *Stage) forward(b *kernels.Batch, rows transport.Buffer, mv rowMover) error {
-	if s.ranks != nil {
+	dr, onDevice := s.ranks.(*deviceRanks) // rank 0 is s.BE: the rows stay on it (ranks_device.go)
+	if s.ranks != nil && !onDevice {
 		if rows.Dev != 0 {
 			return fmt.Errorf("stage %s: ranks run host rows; this ring moves device rows (use --pipeline-link tcp)", s.name())
 		}
 		return s.forwardRanks(b, rows.Host)
 	}
+	h, err := mv.open(rows, b.Tokens(), s.Cfg.HiddenSize)
+	if err != nil {
+		return err
+	}
+	defer mv.free(h)
+	if onDevice {
+		err = dr.runDevice(context.Background(), b, h)
+	} else {
+		err = s.layers(b, h)
+	}
+	if err != nil {
+		return err
+	}
+	return mv.store(h, rows)
+}
+
+// layers runs the stage's own layers over h.
+func (s *Stage) layers(b *kernels.Batch, h *kernels.Tensor) error {
 	meta, err := s.BE.UploadBatch(b)
 	if err != nil {
 		return err
 	}
 	f := &model.Forward{Cfg: s.Cfg, BE: s.BE, Meta: meta, T: b.Tokens()}
 	defer f.Release()
-	h, err := mv.open(rows, b.Tokens(), s.Cfg.HiddenSize)
-	if err != nil {
-		return err
-	}
-	defer mv.free(h)
 	for i, lw := range s.W.Layers {
 		if err := f.Layer(lw, h, s.kv.Layers[i]); err != nil {
 			return err
 		}
 	}
-	return mv.store(h, rows)
+	return nil
 }
 
 func putF32s(dst []byte, v []float32) {

@@ -24,6 +24,7 @@ type loopCluster struct {
 	model, key             string
 	p2p, data, api         []int
 	replanAfter, heartbeat string
+	extra                  []string // more flags for every daemon
 }
 
 func loopPorts(t *testing.T, n int) []int {
@@ -57,6 +58,7 @@ func (c *loopCluster) start(i int) {
 		"--model", c.model, "--expect", fmt.Sprint(len(c.p2p)), "--heartbeat-interval", c.heartbeat, "--replan-after", c.replanAfter,
 		"--data-listen", fmt.Sprintf("127.0.0.1:%d", c.data[i]), "--host", "127.0.0.1", "--port", fmt.Sprint(c.api[i]),
 		"--served-model-name", "tiny", "--max-num-seqs", "16")
+	cmd.Args = append(cmd.Args, c.extra...)
 	c.startDaemon(i, cmd)
 }
 

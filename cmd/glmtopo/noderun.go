@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/node"
 	"github.com/glmtopo/glmtopo/parallel"
 	"github.com/glmtopo/glmtopo/serve"
@@ -100,6 +101,12 @@ func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.
 	if S > 1 && opts.DataAddr == "" {
 		return errors.New("a pipeline of several hosts needs --data-listen on every host")
 	}
+	// A stage on this host's GPUs (--tensor-parallel-size, as `glmtopo
+	// stage` and `serve` take it): its layers run on that many ranks.
+	ranks, err := r.backend.ranks()
+	if err != nil {
+		return err
+	}
 	be, kvDType, err := r.backend.open()
 	if err != nil {
 		return err
@@ -110,13 +117,19 @@ func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.
 		key.Name = fmt.Sprintf("stage%d", mine.Stage)
 	}
 	if mine.Stage == 0 {
-		return r.runHead(ctx, src, be, kvDType, plan.Epoch, mine, S, opts, key, link, log)
+		return r.runHead(ctx, src, be, kvDType, ranks, plan.Epoch, mine, S, opts, key, link, log)
 	}
 	next, err := nextDataAddr(plan, mine)
 	if err != nil {
 		return err
 	}
-	st, closeStage, err := parallel.OpenStage(ctx, src, be, mine.Layers[0], mine.Layers[1], nil)
+	open := parallel.OpenStage
+	if ranks.Enabled() {
+		open = func(ctx context.Context, src parallel.ModelSource, be kernels.Backend, first, end int, p model.Progress) (*parallel.Stage, func(), error) {
+			return parallel.OpenStageRanks(ctx, src, be, first, end, ranks, p)
+		}
+	}
+	st, closeStage, err := open(ctx, src, be, mine.Layers[0], mine.Layers[1], nil)
 	if err != nil {
 		return err
 	}
@@ -149,9 +162,9 @@ func nextDataAddr(plan node.ClusterPlan, mine node.StageAssignment) (string, err
 	return "", errors.New("the plan names no head data address (stage 1's previous host has no --data-listen)")
 }
 
-func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be kernels.Backend, kvDType kernels.DType, epoch uint64,
-	mine node.StageAssignment, S int, opts *node.Options, key tcp.Config, link parallel.PipelineLink, log *slog.Logger) error {
-	opt := parallel.EngineOptions{}
+func (r *nodeRuntime) runHead(ctx context.Context, src parallel.ModelSource, be kernels.Backend, kvDType kernels.DType, ranks parallel.RankOptions,
+	epoch uint64, mine node.StageAssignment, S int, opts *node.Options, key tcp.Config, link parallel.PipelineLink, log *slog.Logger) error {
+	opt := parallel.EngineOptions{Ranks: ranks}
 	if err := r.mem.apply(&opt, kvDType, r.cfg.MaxNumSeqs, r.cfg.MaxModelLen); err != nil {
 		return err
 	}

@@ -5,7 +5,10 @@
 // placement; Group drives one goroutine per rank, its sums through
 // in-process collectives (the CPU reference) or through communicators from
 // Options.Collectives: NCCL over one host's GPUs (nccl.go), each rank's
-// all-reduces queued on its CUDA backend's stream.
+// all-reduces queued on its CUDA backend's stream. Group.Do runs a step
+// function on every rank under the step's failure rules, which parallel's
+// device path (rank 0 on the engine's backend, decode graphs) builds on;
+// ReplicaTables puts a rank's EPLB replica mask on its device.
 package tp
 
 import (
