@@ -42,14 +42,7 @@ func TestCheckCollectives(t *testing.T) {
 		{"reduce-scatter send too small", checkGather(buf(0, 16), buf(64, 60), 4, Float32, 0, 4, false), "send buffer: 64 bytes"},
 		{"reduce-scatter uint8", checkGather(buf(0, 4), buf(64, 16), 4, Uint8, 0, 4, false), "sums f32 or bf16, not uint8"},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			switch {
-			case tc.wantErr == "" && tc.err != nil:
-				t.Fatalf("rejected: %v", tc.err)
-			case tc.wantErr != "" && (tc.err == nil || !strings.Contains(tc.err.Error(), tc.wantErr)):
-				t.Fatalf("err = %v, want %q", tc.err, tc.wantErr)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { checkErr(t, tc.err, tc.wantErr) })
 	}
 }
 
@@ -281,5 +274,17 @@ func TestCollectiveLaunchDeadline(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), "aborted") || !strings.Contains(err.Error(), "deadline exceeded") || f.aborts() != 1 {
 		t.Fatalf("err = %v, %d aborts", err, f.aborts())
+	}
+}
+
+// checkErr fails unless err is nil where want is "", and contains want
+// otherwise (the argument checks' tables).
+func checkErr(t *testing.T, err error, want string) {
+	t.Helper()
+	switch {
+	case want == "" && err != nil:
+		t.Fatalf("rejected: %v", err)
+	case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+		t.Fatalf("err = %v, want %q", err, want)
 	}
 }
