@@ -28,9 +28,10 @@ import (
 // the same time, on its own thread) a metadata update, a launch and a
 // stream synchronisation, which keeps a peer stuck on a dead rank under the
 // group's step watch; with one rank there are no peers and the step is the
-// plain engine's. Graphs need every
-// rank's backend to capture and the group's own communicators (NCCL); the
-// in-process ones go through the host.
+// plain engine's. Graphs need every rank's backend to capture and the
+// group's own communicators (NCCL); the in-process ones go through the
+// host. An executor stage (OpenStageRanks) runs its steps through
+// runDevice alone: its rows are on its backend, rank 0's.
 type deviceRanks struct {
 	g       *tp.Group
 	cfg     *model.Config
