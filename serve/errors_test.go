@@ -127,10 +127,17 @@ func TestClientDisconnectCancelsGeneration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Read the first event, then hang up.
+	// Read the first event; once the generator has emitted its tokens and
+	// blocks (no write to the client is in flight), hang up: the request's
+	// context ending is then the only way out.
 	buf := make([]byte, 64)
 	if _, err := resp.Body.Read(buf); err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case <-gen.hung:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the generator never reached its hang point")
 	}
 	start := time.Now()
 	cancel()

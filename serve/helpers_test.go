@@ -51,11 +51,13 @@ type fakeGen struct {
 	mu        sync.Mutex
 	requests  []parallel.Request
 	cancelled chan struct{} // closed when a Generate returns because ctx ended
+	hung      chan struct{} // closed when a Generate blocks at hangAfter
 	closeOnce sync.Once
+	hungOnce  sync.Once
 }
 
 func newFakeGen(script func(parallel.Request) []int) *fakeGen {
-	return &fakeGen{script: script, maxLen: 1024, eos: []int{1003, 1010, 1012}, cancelled: make(chan struct{})}
+	return &fakeGen{script: script, maxLen: 1024, eos: []int{1003, 1010, 1012}, cancelled: make(chan struct{}), hung: make(chan struct{})}
 }
 
 func (g *fakeGen) MaxModelLen() int   { return g.maxLen }
@@ -84,6 +86,7 @@ func (g *fakeGen) Generate(ctx context.Context, req parallel.Request, emit func(
 	}
 	for i, id := range g.script(req) {
 		if g.hangAfter > 0 && i == g.hangAfter {
+			g.hungOnce.Do(func() { close(g.hung) })
 			<-ctx.Done()
 			return aborted()
 		}
