@@ -50,6 +50,13 @@ type StageAssignment struct {
 	ExpertSummary string    `json:"expert_summary,omitempty" yaml:"expert_summary,omitempty" msgpack:"expert_summary"`
 	Prev          *Neighbor `json:"prev,omitempty" yaml:"prev,omitempty" msgpack:"prev"`
 	Next          *Neighbor `json:"next,omitempty" yaml:"next,omitempty" msgpack:"next"`
+	// GPUs, TP and EP are the stage's layout on its host as the topology
+	// planner sized it: the GPUs it holds, the tensor-parallel size of
+	// attention and the dense MLP, and the expert-parallel degree of the
+	// routed experts (1: split by TP). Empty in CPU plans.
+	GPUs []int `json:"gpus,omitempty" yaml:"gpus,omitempty" msgpack:"gpus"`
+	TP   int   `json:"tp,omitempty" yaml:"tp,omitempty" msgpack:"tp"`
+	EP   int   `json:"ep,omitempty" yaml:"ep,omitempty" msgpack:"ep"`
 }
 
 // ClusterPlan is a placement of the model over the members. Epoch is set by

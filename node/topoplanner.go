@@ -81,7 +81,8 @@ func (p TopologyPlanner) Plan(ctx context.Context, ref ModelRef, members []Membe
 		if !ok {
 			return nil, fmt.Errorf("topology planner: stage %d on unknown host %q", st.Index, st.Host)
 		}
-		sa := StageAssignment{HostID: m.ID, Name: m.Name, Stage: st.Index, Layers: st.Layers}
+		sa := StageAssignment{HostID: m.ID, Name: m.Name, Stage: st.Index, Layers: st.Layers,
+			GPUs: append([]int(nil), st.GPUs...), TP: st.TP, EP: st.EP}
 		sa.ExpertSummary = fmt.Sprintf("GPUs %v, TP%d, EP%d", st.GPUs, st.TP, st.EP)
 		if st.MTP {
 			sa.ExpertSummary += ", MTP layer"

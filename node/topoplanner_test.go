@@ -38,6 +38,14 @@ func TestTopologyPlannerOnDetectedHardware(t *testing.T) {
 	if covered != 92 {
 		t.Errorf("stages cover %d layers", covered)
 	}
+	// Each stage carries its layout on its host for the daemon to open:
+	// all four GPUs, attention and experts over them.
+	for _, s := range plan.Stages {
+		if len(s.GPUs) != 4 || s.TP < 1 || s.EP < 1 || s.TP*max(1, 4/s.TP) != 4 {
+			t.Errorf("stage %d: GPUs %v, TP %d, EP %d: want the host's four GPUs", s.Stage, s.GPUs, s.TP, s.EP)
+		}
+	}
+	t.Logf("stage layouts: %+v", plan.Stages[0].ExpertSummary)
 	// One host of four H100s cannot hold GLM-4.5-FP8: the planner's reason comes through.
 	if _, err := p.Plan(context.Background(), ref, members[:1]); err == nil || !strings.Contains(err.Error(), "does not fit") {
 		t.Errorf("1x4xH100: err %v", err)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/glmtopo/glmtopo/kernels"
+	"github.com/glmtopo/glmtopo/kernels/cuda"
 	"github.com/glmtopo/glmtopo/model"
 	"github.com/glmtopo/glmtopo/node"
 	"github.com/glmtopo/glmtopo/parallel"
@@ -101,9 +102,7 @@ func (r *nodeRuntime) run(ctx context.Context, plan node.ClusterPlan, mine node.
 	if S > 1 && opts.DataAddr == "" {
 		return errors.New("a pipeline of several hosts needs --data-listen on every host")
 	}
-	// A stage on this host's GPUs (--tensor-parallel-size, as `glmtopo
-	// stage` and `serve` take it): its layers run on that many ranks.
-	ranks, err := r.backend.ranks()
+	ranks, err := r.stageRanks(mine, log)
 	if err != nil {
 		return err
 	}
@@ -253,4 +252,53 @@ func (r *nodeRuntime) Links() []node.LinkStatus {
 		out = append(out, l)
 	}
 	return out
+}
+
+// stageRanks is the rank layout this daemon runs its stage on: the flags'
+// when --tensor-parallel-size is given (as `glmtopo stage` takes it), else
+// the plan's: the planner sized the stage for its GPUs, TP and EP, and one
+// GPU could not hold it. On --device cpu the plan's GPUs are ignored (an
+// --inventory-override test cluster): the stage runs on one backend.
+func (r *nodeRuntime) stageRanks(mine node.StageAssignment, log *slog.Logger) (parallel.RankOptions, error) {
+	if *r.backend.tp > 1 {
+		return r.backend.ranks()
+	}
+	n, tp, ep, err := planLayout(mine)
+	if err != nil || n <= 1 {
+		return parallel.RankOptions{}, err
+	}
+	switch d := *r.backend.device; {
+	case d == "cpu":
+		log.Warn("the plan puts this stage on several GPUs; --device cpu runs it on one backend", "gpus", mine.GPUs, "tp", tp, "ep", ep)
+		return parallel.RankOptions{}, nil
+	case d != "cuda" && d != "cuda:0":
+		return parallel.RankOptions{}, fmt.Errorf("the plan puts stage %d on GPUs %v: their ranks take GPUs 0..%d (--device cuda; pick the GPUs with CUDA_VISIBLE_DEVICES), not --device %s", mine.Stage, mine.GPUs, n-1, d)
+	}
+	o, err := parallel.TensorParallelCUDA(n, false, cuda.Options{FastWideGemm: *r.backend.fastGemm}, log)
+	if err != nil {
+		return parallel.RankOptions{}, fmt.Errorf("stage %d of the plan: %w", mine.Stage, err)
+	}
+	o.TP, o.EP, o.Dispatch = tp, ep, *r.backend.dispatch
+	log.Info("stage on the plan's GPUs", "gpus", mine.GPUs, "tp", tp, "ep", ep)
+	return o, nil
+}
+
+// planLayout checks a stage's layout from the plan: GPUs 0..n-1 (a daemon
+// drives its host's GPUs from the first), TP and EP dividing them. n is 0
+// for a plan without GPUs (CPU plans).
+func planLayout(mine node.StageAssignment) (n, tp, ep int, err error) {
+	n = len(mine.GPUs)
+	if n == 0 {
+		return 0, 0, 0, nil
+	}
+	for i, g := range mine.GPUs {
+		if g != i {
+			return 0, 0, 0, fmt.Errorf("the plan puts stage %d on GPUs %v: a daemon drives its host's GPUs 0..n-1 (one stage per host)", mine.Stage, mine.GPUs)
+		}
+	}
+	tp, ep = max(mine.TP, 1), max(mine.EP, 1)
+	if n%tp != 0 || n%ep != 0 {
+		return 0, 0, 0, fmt.Errorf("the plan's stage %d: TP %d and EP %d must divide its %d GPUs", mine.Stage, tp, ep, n)
+	}
+	return n, tp, ep, nil
 }
