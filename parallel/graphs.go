@@ -266,14 +266,8 @@ func (g *decodeGraphs) captureFailed(key graphKey, err error) {
 // pad lays a decode batch of n sequences out as key's graph reads it (see
 // the comment at the top of this file).
 func (g *decodeGraphs) pad(b *kernels.Batch, ids []int32, key graphKey) (*kernels.Batch, []int32) {
-	return padBatch(b, ids, key, g.scratch, g.blockSize)
-}
-
-// padBatch is pad over a scratch block of blockSize tokens (the rank
-// group's graphs pad alike: ranks_device.go).
-func padBatch(b *kernels.Batch, ids []int32, key graphKey, scratch int32, blockSize int) (*kernels.Batch, []int32) {
 	T, n := key.seqs, len(ids)
-	width := (key.ctx + blockSize - 1) / blockSize
+	width := (key.ctx + g.blockSize - 1) / g.blockSize
 	p := &kernels.Batch{Positions: make([]int32, T), SeqIndex: make([]int32, T), Slots: make([]int32, T),
 		BlockTables: make([][]int32, T), ContextLens: make([]int32, T)}
 	pids := make([]int32, T)
@@ -287,10 +281,10 @@ func padBatch(b *kernels.Batch, ids []int32, key graphKey, scratch int32, blockS
 			p.Positions[i], p.Slots[i], pids[i] = b.Positions[i], b.Slots[i], ids[i]
 			real = copy(t, b.BlockTables[i]) // a sequence holds blocks for its whole request: keep the first width
 		} else {
-			p.Slots[i], pids[i] = scratch*int32(blockSize), -1
+			p.Slots[i], pids[i] = g.scratch*int32(g.blockSize), -1
 		}
 		for j := real; j < width; j++ {
-			t[j] = scratch
+			t[j] = g.scratch
 		}
 		p.BlockTables[i] = t
 	}
