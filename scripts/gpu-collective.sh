@@ -81,16 +81,6 @@ run() {
 	return $rc
 }
 
-case "${1:-all}" in
-build) build ;;
-run) run ;;
-all)
-	build || exit 1
-	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-		run
-	else
-		echo "no GPU here: copy the repository (with $BIN/nccl.test and bin/glmtopo) to a GPU host and run: scripts/gpu-collective.sh run"
-	fi
-	;;
-*) echo "usage: $0 [build|run]" >&2; exit 2 ;;
-esac
+# shellcheck source=scripts/gpu-main.sh
+. scripts/gpu-main.sh
+gpu_main gpu-collective.sh "$BIN/nccl.test and bin/glmtopo" "$@"

@@ -48,11 +48,6 @@ run() {
 	return $rc
 }
 
-case "${1:-all}" in
-build) build ;;
-run) run ;;
-*)
-	build || exit 1
-	if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then run; else echo "no GPU here: copy the tree with bin/gpu to a GPU host and run scripts/gpu-pipeline.sh run"; fi
-	;;
-esac
+# shellcheck source=scripts/gpu-main.sh
+. scripts/gpu-main.sh
+gpu_main gpu-pipeline.sh "bin/gpu" "$@"
