@@ -32,26 +32,24 @@ func (c *graphComm) Size() int { return c.bar.size }
 func (c *graphComm) Rank() int { return c.rank }
 
 func (c *graphComm) AllReduceSum(t *kernels.Tensor) error {
-	return c.be.device(func() error {
-		x, err := c.be.Backend.Download(t)
-		if err != nil {
-			return err
-		}
-		parts, err := c.bar.meet(c.rank, x)
-		if err != nil {
-			return err
-		}
-		sum := make([]float32, len(x))
+	return c.round(t, func(parts [][]float32) []float32 {
+		sum := make([]float32, len(parts[c.rank]))
 		for _, p := range parts { // rank order: every rank gets the same bits
 			for i, v := range p {
 				sum[i] += v
 			}
 		}
-		return c.be.Backend.Upload(t, f32Bytes(sum))
+		return sum
 	})
 }
 
 func (c *graphComm) Broadcast(t *kernels.Tensor, root int) error {
+	return c.round(t, func(parts [][]float32) []float32 { return parts[root] })
+}
+
+// round is one device op: every rank's t meets the others' at the barrier
+// and becomes combine of them.
+func (c *graphComm) round(t *kernels.Tensor, combine func(parts [][]float32) []float32) error {
 	return c.be.device(func() error {
 		x, err := c.be.Backend.Download(t)
 		if err != nil {
@@ -61,7 +59,7 @@ func (c *graphComm) Broadcast(t *kernels.Tensor, root int) error {
 		if err != nil {
 			return err
 		}
-		return c.be.Backend.Upload(t, f32Bytes(parts[root]))
+		return c.be.Backend.Upload(t, f32Bytes(combine(parts)))
 	})
 }
 

@@ -67,11 +67,11 @@ func (a *TensorAllReducer) BroadcastContext(ctx context.Context, t *kernels.Tens
 	if a.Size() == 1 {
 		return nil
 	}
-	p, err := a.b.DevicePointer(t)
+	buf, err := a.buffer(t, count, d, "broadcast")
 	if err != nil {
-		return fmt.Errorf("nccl broadcast: %w", err)
+		return err
 	}
-	return a.comm.Broadcast(ctx, a.b.Stream(), Buffer{Ptr: p, Bytes: count * d.Size()}, count, d, root)
+	return a.comm.Broadcast(ctx, a.b.Stream(), buf, count, d, root)
 }
 
 // broadcastType maps a tensor to the NCCL type and count it moves as, and

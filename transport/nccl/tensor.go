@@ -103,12 +103,20 @@ func (a *TensorAllReducer) AllReduceSumContext(ctx context.Context, t *kernels.T
 	if a.Size() == 1 {
 		return nil
 	}
+	buf, err := a.buffer(t, count, d, "all-reduce")
+	if err != nil {
+		return err
+	}
+	return a.comm.AllReduce(ctx, a.b.Stream(), buf, buf, count, d)
+}
+
+// buffer is t's device memory as count elements of d, for NCCL.
+func (a *TensorAllReducer) buffer(t *kernels.Tensor, count int64, d DType, what string) (Buffer, error) {
 	p, err := a.b.DevicePointer(t)
 	if err != nil {
-		return fmt.Errorf("nccl all-reduce: %w", err)
+		return Buffer{}, fmt.Errorf("nccl %s: %w", what, err)
 	}
-	buf := Buffer{Ptr: p, Bytes: count * d.Size()}
-	return a.comm.AllReduce(ctx, a.b.Stream(), buf, buf, count, d)
+	return Buffer{Ptr: p, Bytes: count * d.Size()}, nil
 }
 
 // Wait waits for the backend's stream (every all-reduce queued so far, and
