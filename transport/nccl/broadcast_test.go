@@ -5,7 +5,6 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/glmtopo/glmtopo/kernels"
 )
@@ -38,12 +37,7 @@ func TestCheckBroadcast(t *testing.T) {
 // (send == recv) with the root and the stream; bad arguments never reach
 // NCCL; a failing call aborts the communicator and is named.
 func TestBroadcastReachesNCCL(t *testing.T) {
-	f := buildFake(t, false)
-	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 3, 1, time.Second, InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, c := fakeComm(t, 3, 1)
 	ctx := context.Background()
 	const stream = 0x5151
 	f.set(modeJoins)
@@ -69,7 +63,7 @@ func TestBroadcastReachesNCCL(t *testing.T) {
 		t.Fatalf("zero-count broadcast: %v, %d calls", err, f.nrec())
 	}
 	f.fail(fBroadcast)
-	err = c.Broadcast(ctx, stream, Buffer{Ptr: 0x1000, Bytes: 40}, 10, Float32, 0)
+	err := c.Broadcast(ctx, stream, Buffer{Ptr: 0x1000, Bytes: 40}, 10, Float32, 0)
 	if err == nil || !strings.Contains(err.Error(), "ncclBroadcast") || f.aborts() != 1 {
 		t.Fatalf("failing broadcast: %v, %d aborts", err, f.aborts())
 	}
@@ -79,12 +73,7 @@ func TestBroadcastReachesNCCL(t *testing.T) {
 // ranks each dtype reaches ncclBroadcast in place with NCCL's type (bytes
 // for a dtype NCCL has no name for here) on the backend's stream.
 func TestTensorBroadcast(t *testing.T) {
-	f := buildFake(t, false)
-	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, c := fakeComm(t, 2, 0)
 	be := fakeTensors{stream: 0x77}
 	tensor := func(dt kernels.DType, shape ...int) *kernels.Tensor {
 		return &kernels.Tensor{DType: dt, Shape: shape, Impl: uintptr(0x9000)}

@@ -124,12 +124,7 @@ func (f *fakeLib) calls() []fakeCall {
 // seventh argument, on the stack) included; a failing call aborts the
 // communicator and is reported by name.
 func TestCollectivesReachNCCL(t *testing.T) {
-	f := buildFake(t, false)
-	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 3, 1, time.Second, InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, c := fakeComm(t, 3, 1)
 	comm := int64(c.c)
 	ctx := context.Background()
 	const stream = 0x5151
@@ -186,7 +181,7 @@ func TestCollectivesReachNCCL(t *testing.T) {
 		}
 	}
 	f.fail(fAllReduce)
-	err = c.AllReduce(ctx, stream, b(0x1000, 40), b(0x1000, 40), 10, Float32)
+	err := c.AllReduce(ctx, stream, b(0x1000, 40), b(0x1000, 40), 10, Float32)
 	if err == nil || !strings.Contains(err.Error(), "ncclAllReduce") || f.aborts() != 1 {
 		t.Fatalf("failing all-reduce: %v, %d aborts", err, f.aborts())
 	}
@@ -211,12 +206,7 @@ func (f fakeTensors) Stream() uintptr { return f.stream }
 // ranks the tensor's dtype and size reach ncclAllReduce in place on the
 // backend's stream; other dtypes are refused on both paths.
 func TestTensorAllReducer(t *testing.T) {
-	f := buildFake(t, false)
-	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, c := fakeComm(t, 2, 0)
 	be := fakeTensors{stream: 0x77}
 	x := &kernels.Tensor{DType: kernels.BF16, Shape: []int{3, 5120}, Impl: uintptr(0x9000)}
 	ids := &kernels.Tensor{DType: kernels.I32, Shape: []int{3}, Impl: uintptr(0xa000)}
@@ -256,19 +246,14 @@ func TestTensorAllReducer(t *testing.T) {
 // answers ncclInProgress and the communicator stays busy: a peer gone)
 // returns at the context's deadline with the communicator aborted.
 func TestCollectiveLaunchDeadline(t *testing.T) {
-	f := buildFake(t, false)
-	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, c := fakeComm(t, 2, 0)
 	f.set(modePeerMissing)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	t0 := time.Now()
 	a := &AllToAllV{Send: Buffer{Ptr: 0x1000, Bytes: 8}, Recv: Buffer{Ptr: 0x2000, Bytes: 8}, DType: Float32,
 		SendCounts: []int64{1, 1}, RecvCounts: []int64{1, 1}}
-	err = c.AllToAllV(ctx, 1, a)
+	err := c.AllToAllV(ctx, 1, a)
 	if el := time.Since(t0); el > 2*time.Second {
 		t.Fatalf("returned after %v", el)
 	}
@@ -287,4 +272,16 @@ func checkErr(t *testing.T, err error, want string) {
 	case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
 		t.Fatalf("err = %v, want %q", err, want)
 	}
+}
+
+// fakeComm is rank of an nranks communicator over the fake library.
+func fakeComm(t *testing.T, nranks, rank int) (*fakeLib, *Comm) {
+	t.Helper()
+	f := buildFake(t, false)
+	f.set(modeJoins)
+	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, nranks, rank, time.Second, InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, c
 }

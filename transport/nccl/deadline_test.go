@@ -240,16 +240,11 @@ func TestInitDeadline(t *testing.T) {
 // TestWaitAbortsAtDeadline: a transfer whose stream never finishes (a dead
 // peer) ends at the context's deadline with the communicator aborted.
 func TestWaitAbortsAtDeadline(t *testing.T) {
-	f := buildFake(t, false)
-	f.set(modeJoins)
-	c, err := initRank(context.Background(), f.l, hostDevice{}, UniqueID{}, 2, 0, time.Second, InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, c := fakeComm(t, 2, 0)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	t0 := time.Now()
-	err = c.Wait(ctx, 1)
+	err := c.Wait(ctx, 1)
 	if err == nil || !strings.Contains(err.Error(), "aborted") || f.aborts() != 1 {
 		t.Fatalf("Wait: %v, %d aborts", err, f.aborts())
 	}
